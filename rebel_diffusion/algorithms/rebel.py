@@ -1,0 +1,44 @@
+"""REBEL's least-squares regression of relative rewards (Gao et al. 2024, Eq. 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def rebel_loss(
+    log_ratio_a: torch.Tensor,
+    log_ratio_b: torch.Tensor,
+    reward_a: torch.Tensor,
+    reward_b: torch.Tensor,
+    eta: float,
+) -> torch.Tensor:
+    """Mean over pairs of `((1/eta) * (log_ratio_a - log_ratio_b) - (reward_a - reward_b)) ** 2`.
+
+    Args:
+        log_ratio_a: `(B,)` per-trajectory `sum_t [log pi_theta - log pi_theta_t]` of the first completion of each pair.
+        log_ratio_b: `(B,)` the same for the second completion.
+        reward_a: `(B,)` regression target of the first completion (reward or advantage).
+        reward_b: `(B,)` the same for the second.
+        eta: REBEL's step size; 1/eta scales the log-ratio difference.
+
+    Returns:
+        A scalar: the mean squared residual over the B pairs. Each pair's log-ratio is its own sum over steps; nothing
+        is summed across the batch.
+    """
+    if log_ratio_a.dim() != 1 or log_ratio_a.shape != log_ratio_b.shape:
+        raise ValueError(f"log ratios must both be (B,), got {tuple(log_ratio_a.shape)} and {tuple(log_ratio_b.shape)}")
+    residual = (log_ratio_a - log_ratio_b) / eta - (reward_a - reward_b).to(log_ratio_a.dtype)
+    return residual.pow(2).mean()
+
+
+def regression_targets(rewards: np.ndarray, advantages: np.ndarray, target: str) -> np.ndarray:
+    """What REBEL regresses onto, per trajectory: `"advantages"` (per-prompt z-scores from the stat tracker),
+    `"batch_zscore"` (z-scored over the whole gathered batch) or `"rewards"` (raw rewards)."""
+    if target == "advantages":
+        return advantages
+    if target == "batch_zscore":
+        return (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    if target == "rewards":
+        return rewards
+    raise ValueError(f"unknown REBEL target {target!r}; choose 'advantages', 'batch_zscore' or 'rewards'")

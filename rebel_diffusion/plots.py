@@ -1,0 +1,50 @@
+"""Pictures a run leaves behind: sample grids and the learning curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+CELL = 128  # grid cells are resized to this side: tiny images become visible, large ones keep the PNG light
+LABEL_WIDTH = 200
+
+
+def save_image_grid(images: torch.Tensor, row_labels: list[str], path: str | Path) -> None:
+    """Save `images` `(rows, columns, 3, H, W)` in [0, 1] as one PNG with a label per row."""
+    rows, columns = images.shape[:2]
+    grid = Image.new("RGB", (LABEL_WIDTH + columns * CELL, rows * CELL), "white")
+    draw = ImageDraw.Draw(grid)
+    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+    for r in range(rows):
+        draw.text((4, r * CELL + CELL // 2 - 6), row_labels[r][:32], fill="black")
+        for c in range(columns):
+            cell = Image.fromarray(pixels[r, c])
+            resample = Image.NEAREST if cell.width < CELL else Image.BILINEAR
+            grid.paste(cell.resize((CELL, CELL), resample), (LABEL_WIDTH + c * CELL, r * CELL))
+    grid.save(path)
+
+
+def save_learning_curve(metrics_path: str | Path, path: str | Path, title: str = "") -> None:
+    """Plot reward mean +- std per epoch against reward queries from a run's metrics.jsonl."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    x = np.array([r["reward_queries"] for r in records])
+    mean = np.array([r["reward_mean"] for r in records])
+    std = np.array([r["reward_std"] for r in records])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, mean, marker="o")
+    ax.fill_between(x, mean - std, mean + std, alpha=0.25, label="± std across samples")
+    ax.set_xlabel("reward queries")
+    ax.set_ylabel("reward (mean per epoch)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,266 @@
+"""The latent consistency model sampling chain as a Markov decision process.
+
+Multistep LCM sampling (Luo et al. 2023) alternates a consistency jump to the clean latent and a re-noising to the next
+timestep. Seen as a policy, each of the first T-1 steps draws the next latent from the Gaussian
+
+    x_prev ~ N(sqrt(alpha_prod_t_prev) * denoised(x_t, t), (1 - alpha_prod_t_prev) I),
+
+exactly as diffusers' `LCMScheduler.step` does; the last step is deterministic and its `denoised` is decoded to the
+image. The policy is a LoRA adapter on the UNet; VAE, text encoder and base UNet stay frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from diffusers import LatentConsistencyModelPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from rebel_diffusion.trajectory import Trajectory
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lcm_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod_t: torch.Tensor,
+    alpha_prod_t_prev: torch.Tensor,
+    c_skip: torch.Tensor,
+    c_out: torch.Tensor,
+    prediction_type: str = "epsilon",
+    clip_sample_range: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the LCM chain, as the policy's Gaussian.
+
+    Args:
+        model_output: `(B, C, h, w)` the UNet's prediction at timestep t.
+        sample: `(B, C, h, w)` the latent x_t.
+        alpha_prod_t, alpha_prod_t_prev: cumulative alphas at t and at the next timestep of the chain (0-dim).
+        c_skip, c_out: the consistency boundary-condition scalings at t (0-dim).
+        prediction_type: what the UNet predicts: "epsilon", "sample" or "v_prediction".
+        clip_sample_range: clamp the predicted clean latent to +-this when set (the scheduler's `clip_sample`).
+
+    Returns:
+        `denoised` `(B, C, h, w)`, and the mean `(B, C, h, w)` and std (0-dim) of the Gaussian over the next latent.
+    """
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        predicted_original_sample = (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+    elif prediction_type == "sample":
+        predicted_original_sample = model_output
+    elif prediction_type == "v_prediction":
+        predicted_original_sample = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    if clip_sample_range is not None:
+        predicted_original_sample = predicted_original_sample.clamp(-clip_sample_range, clip_sample_range)
+    denoised = c_out * predicted_original_sample + c_skip * sample
+    mean = alpha_prod_t_prev.sqrt() * denoised
+    std = (1 - alpha_prod_t_prev).sqrt()
+    return denoised, mean, std
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample `(B,)`: the mean over latent dims (DDPO/RLCM's scale) or the exact sum."""
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    log_prob = log_prob.flatten(1)
+    return log_prob.mean(dim=1) if reduction == "mean" else log_prob.sum(dim=1)
+
+
+class LCMPolicy:
+    """A LoRA-adapted `LatentConsistencyModelPipeline` that samples trajectories and re-scores their steps.
+
+    Args:
+        pipeline: any diffusers `LatentConsistencyModelPipeline` (its scheduler must be an `LCMScheduler`).
+        num_steps: inference steps of the chain; the first `num_steps - 1` are stochastic actions.
+        guidance_scale: fed through the UNet's w-embedding (no classifier-free batch doubling).
+        resolution: side of the square images, in pixels.
+        logprob_reduction: "mean" over latent dims (default; what eta = 1 assumes) or "sum" (the exact density).
+        lora_rank, lora_alpha, lora_init, lora_targets: the peft LoRA adapter on the UNet's attention projections.
+        device: where the pipeline runs; dtype: the dtype of the frozen weights (LoRA weights stay float32).
+    """
+
+    def __init__(
+        self,
+        pipeline: LatentConsistencyModelPipeline,
+        num_steps: int = 8,
+        guidance_scale: float = 8.0,
+        resolution: int = 512,
+        logprob_reduction: str = "mean",
+        lora_rank: int = 8,
+        lora_alpha: float = 8,
+        lora_init: str | bool = "gaussian",
+        lora_targets: tuple[str, ...] = LORA_TARGETS,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if logprob_reduction not in ("mean", "sum"):
+            raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {logprob_reduction!r}")
+        if num_steps < 2:
+            raise ValueError(f"num_steps must be at least 2 (one stochastic step), got {num_steps}")
+        scheduler = pipeline.scheduler
+        if scheduler.config.get("thresholding", False):
+            raise ValueError("LCMScheduler thresholding is not supported by LCMPolicy")
+        if pipeline.unet.config.time_cond_proj_dim is None:
+            raise ValueError("the UNet has no time_cond_proj_dim: it is not an LCM with a guidance (w) embedding")
+        if resolution % 8 != 0 or resolution % pipeline.vae_scale_factor != 0:
+            raise ValueError(f"resolution {resolution} must be divisible by 8 and by the VAE's {pipeline.vae_scale_factor}")
+
+        self.pipeline = pipeline
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.resolution = resolution
+        self.logprob_reduction = logprob_reduction
+        self.device = torch.device(device) if device is not None else pipeline.device
+        self.dtype = dtype
+        self.vae, self.text_encoder = pipeline.vae, pipeline.text_encoder
+        for module in (self.vae, self.text_encoder, pipeline.unet):
+            module.requires_grad_(False)
+            module.to(self.device)
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
+        pipeline.unet.add_adapter(
+            LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets))
+        )
+        cast_training_params(pipeline.unet, dtype=torch.float32)
+        # The trainer may swap in a DistributedDataParallel wrapper; everything calls the UNet through this attribute.
+        self.unet = pipeline.unet
+
+        scheduler.set_timesteps(num_steps, device="cpu")
+        self.timesteps = scheduler.timesteps.clone()
+        alphas_cumprod = scheduler.alphas_cumprod.float()
+        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
+        self.step_constants = []
+        for i, t in enumerate(self.timesteps):
+            prev_t = self.timesteps[i + 1] if i + 1 < num_steps else t
+            c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+            self.step_constants.append(
+                {
+                    "alpha_prod_t": alphas_cumprod[t],
+                    "alpha_prod_t_prev": alphas_cumprod[prev_t] if prev_t >= 0 else final,
+                    "c_skip": torch.as_tensor(c_skip, dtype=torch.float32),
+                    "c_out": torch.as_tensor(c_out, dtype=torch.float32),
+                }
+            )
+        self.prediction_type = scheduler.config.prediction_type
+        self.clip_sample_range = scheduler.config.clip_sample_range if scheduler.config.get("clip_sample") else None
+        w = torch.tensor([guidance_scale - 1.0])
+        self.w_embedding = pipeline.get_guidance_scale_embedding(w, pipeline.unet.config.time_cond_proj_dim)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, model_id_or_path: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, **options
+    ) -> LCMPolicy:
+        """Load a `LatentConsistencyModelPipeline` (a Hub id or a local folder) and wrap it; `options` as in __init__."""
+        path = str(model_id_or_path)
+        local = Path(path).expanduser()
+        if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+            raise FileNotFoundError(f"model {path!r} is neither an existing folder nor a Hugging Face Hub id (owner/name)")
+        try:
+            pipeline = LatentConsistencyModelPipeline.from_pretrained(
+                str(local) if local.exists() else path, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
+        except (OSError, ValueError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"cannot load model {path!r}: {first_line}") from e
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline, device=device, dtype=dtype, **options)
+
+    @property
+    def num_actions(self) -> int:
+        """T: the stochastic steps, each with a log-probability."""
+        return self.num_steps - 1
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The LoRA weights."""
+        return [p for p in self.pipeline.unet.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder states `(B, L, D)`, computed once per distinct prompt and cached."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if new:
+            embeds, _ = self.pipeline.encode_prompt(new, self.device, 1, False)
+            self._prompt_cache.update(zip(new, embeds))
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def _denoise(self, latents: torch.Tensor, step: int, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """UNet call plus `lcm_step` at chain index `step` -> (denoised, mean, std), float32."""
+        t = self.timesteps[step].to(self.device)
+        w_embedding = self.w_embedding.to(self.device, self.dtype).expand(len(latents), -1)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            model_output = self.unet(
+                latents.to(self.dtype), t, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds, return_dict=False
+            )[0]
+        constants = {k: v.to(self.device) for k, v in self.step_constants[step].items()}
+        return lcm_step(model_output.float(), latents.float(), **constants, prediction_type=self.prediction_type,
+                        clip_sample_range=self.clip_sample_range)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None, progress: bool = False) -> Trajectory:
+        """Run the chain for `prompts` and record it.
+
+        Initial latents and per-step noise are drawn in the pipeline's order from `generator`, so the images equal
+        `pipeline(prompts, num_inference_steps, guidance_scale, generator=generator, output_type="pt").images`.
+
+        Returns:
+            A `Trajectory` with `states`/`actions` `(B, T, C, h, w)`, `log_probs` `(B, T)` (T = num_steps - 1),
+            `outputs` the images `(B, 3, H, W)` in [0, 1] and `conditioning` the prompt embeddings.
+        """
+        prompt_embeds = self.encode_prompts(prompts)
+        side = self.resolution // self.pipeline.vae_scale_factor
+        shape = (len(prompts), self.pipeline.unet.config.in_channels, side, side)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        latents = latents * self.pipeline.scheduler.init_noise_sigma
+        chain, log_probs = [latents], []
+        for step in tqdm(range(self.num_steps), desc="chain", leave=False, disable=not progress):
+            denoised, mean, std = self._denoise(chain[-1], step, prompt_embeds)
+            if step == self.num_steps - 1:
+                break
+            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+            next_latents = mean + std * noise
+            log_probs.append(gaussian_log_prob(next_latents, mean, std, self.logprob_reduction))
+            chain.append(next_latents)
+        image = self.vae.decode(denoised.to(self.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        images = self.pipeline.image_processor.postprocess(image, output_type="pt").float()
+        latents = torch.stack(chain, dim=1)
+        log_probs = torch.stack(log_probs, dim=1)
+        return Trajectory(
+            prompts=list(prompts),
+            states=latents[:, :-1],
+            actions=latents[:, 1:],
+            log_probs=log_probs,
+            mask=torch.ones_like(log_probs, dtype=torch.bool),
+            outputs=images,
+            conditioning=prompt_embeds,
+        )
+
+    def log_prob(self, trajectory: Trajectory, step: int) -> torch.Tensor:
+        """log pi_theta(action_step | state_step) `(B,)` under the current weights, with grad."""
+        _, mean, std = self._denoise(trajectory.states[:, step], step, trajectory.conditioning)
+        return gaussian_log_prob(trajectory.actions[:, step].float(), mean, std, self.logprob_reduction)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights in diffusers' format, ready for `save_lora_weights`."""
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipeline.unet))
+
+    def save_lora(self, directory: str | Path) -> None:
+        """Write `pytorch_lora_weights.safetensors`, loadable with `pipeline.load_lora_weights(directory)`."""
+        LatentConsistencyModelPipeline.save_lora_weights(directory, unet_lora_layers=self.lora_state_dict())
+
+    def load_lora(self, directory: str | Path) -> None:
+        """Load LoRA weights written by `save_lora` into this policy's adapter."""
+        state, _ = LatentConsistencyModelPipeline.lora_state_dict(str(directory))
+        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(self.pipeline.unet, convert_unet_state_dict_to_peft(unet_state))
+        if result is not None and getattr(result, "unexpected_keys", None):
+            raise ValueError(f"LoRA weights in {directory} do not fit this UNet: {result.unexpected_keys[:3]}")
+        cast_training_params(self.pipeline.unet, dtype=torch.float32)

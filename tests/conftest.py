@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random LCM pipeline saved with `save_pretrained` and loaded the way a user's model is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from rebel_diffusion.tokenizer import build_clip_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Tiny models gain nothing from intra-op threads, and two busy threads per process on 2 cores thrash badly.
+torch.set_num_threads(1)
+
+
+def build_tiny_pipeline(tokenizer_dir: Path, seed: int = 0) -> LatentConsistencyModelPipeline:
+    """Random components small enough for CPU tests: 32 px images, 8x8x4 latents, a 2-layer text encoder."""
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(tokenizer_dir, model_max_length=16)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, time_cond_proj_dim=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    return LatentConsistencyModelPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LCM pipeline folder, as `save_pretrained` writes it."""
+    root = tmp_path_factory.mktemp("tiny-lcm")
+    build_tiny_pipeline(root / "tokenizer-src").save_pretrained(root / "pipeline")
+    return root / "pipeline"

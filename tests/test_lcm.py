@@ -1,0 +1,159 @@
+import math
+
+import pytest
+import torch
+from diffusers import LatentConsistencyModelPipeline
+
+from rebel_diffusion.policies.lcm import LCMPolicy, gaussian_log_prob
+
+PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
+
+
+@pytest.fixture
+def policy(tiny_lcm_path) -> LCMPolicy:
+    return LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32)
+
+
+def perturb_lora(policy: LCMPolicy, scale: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+def test_sampler_equals_the_diffusers_pipeline(policy):
+    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0))
+    reference = policy.pipeline(
+        PROMPTS, num_inference_steps=8, guidance_scale=8.0, generator=torch.Generator().manual_seed(0),
+        output_type="pt", height=32, width=32,
+    ).images
+    assert trajectory.outputs.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(trajectory.outputs, reference, atol=1e-6, rtol=0)
+    assert trajectory.log_probs.shape == (3, 7)
+    assert trajectory.states.shape == (3, 7, 4, 8, 8)
+    torch.testing.assert_close(trajectory.states[:, 1:], trajectory.actions[:, :-1])
+    assert trajectory.mask.all()
+
+
+def test_sampler_equals_the_pipeline_with_trained_lora_weights(policy):
+    perturb_lora(policy)
+    trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(3))
+    reference = policy.pipeline(
+        PROMPTS[:2], num_inference_steps=8, guidance_scale=8.0, generator=torch.Generator().manual_seed(3),
+        output_type="pt", height=32, width=32,
+    ).images
+    torch.testing.assert_close(trajectory.outputs, reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_recomputed_log_probs_equal_stored(tiny_lcm_path, reduction):
+    policy = LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32, logprob_reduction=reduction)
+    perturb_lora(policy)
+    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(1))
+    for step in range(trajectory.num_steps):
+        recomputed = policy.log_prob(trajectory, step)
+        assert recomputed.requires_grad
+        torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, step], atol=1e-5, rtol=0)
+
+
+def test_sum_reduction_is_the_exact_gaussian_density():
+    torch.manual_seed(0)
+    mean, x, std = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor(0.7)
+    exact = torch.distributions.Normal(mean, std).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std, "sum"), exact)
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std, "mean"), exact / 36)
+
+
+def test_log_prob_gradient_reaches_only_lora_weights(policy):
+    trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(0))
+    policy.log_prob(trajectory, 3).sum().backward()
+    trainable = dict((n, p) for n, p in policy.pipeline.unet.named_parameters() if p.requires_grad)
+    assert trainable and all("lora" in n for n in trainable)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    assert not any(p.requires_grad for p in policy.vae.parameters())
+    assert not any(p.requires_grad for p in policy.text_encoder.parameters())
+
+
+def test_lora_targets_rank_and_gaussian_init(policy):
+    names = [n for n, p in policy.pipeline.unet.named_parameters() if p.requires_grad]
+    targets = {n.split(".lora_")[0].split(".")[-1] for n in names}
+    assert targets == {"to_q", "to_k", "to_v", "0"}  # to_out.0 ends in "0"
+    assert all(".to_out.0." in n for n in names if ".to_out." in n)
+    a = next(p for n, p in policy.pipeline.unet.named_parameters() if "lora_A" in n)
+    b = next(p for n, p in policy.pipeline.unet.named_parameters() if "lora_B" in n)
+    assert a.shape[0] == 8 and torch.all(b == 0)
+    assert 0 < a.std().item() < 1  # gaussian init: A ~ N(0, 1/r)
+
+
+def test_trainable_weights_stay_float32_under_half_precision(tiny_lcm_path):
+    policy = LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    assert policy.vae.dtype == torch.bfloat16 and policy.text_encoder.dtype == torch.bfloat16
+    frozen = [p for p in policy.pipeline.unet.parameters() if not p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    trajectory = policy.sample(PROMPTS[:1], generator=torch.Generator().manual_seed(0))
+    assert trajectory.log_probs.dtype == torch.float32 and torch.isfinite(trajectory.log_probs).all()
+
+
+def test_prompt_embeddings_are_computed_once_per_distinct_prompt(policy, monkeypatch):
+    calls = []
+    original = policy.pipeline.encode_prompt
+
+    def counting(prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return original(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(policy.pipeline, "encode_prompt", counting)
+    first = policy.encode_prompts(PROMPTS)
+    second = policy.encode_prompts(list(reversed(PROMPTS)))
+    assert calls == [PROMPTS[:2]]
+    torch.testing.assert_close(second, first.flip(0))
+
+
+def test_saved_lora_loads_with_load_lora_weights(policy, tiny_lcm_path, tmp_path):
+    perturb_lora(policy, scale=0.2)
+    policy.save_lora(tmp_path)
+    expected = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(5)).outputs
+    fresh = LatentConsistencyModelPipeline.from_pretrained(tiny_lcm_path)
+    fresh.load_lora_weights(tmp_path)
+    images = fresh(PROMPTS[:2], num_inference_steps=8, guidance_scale=8.0, generator=torch.Generator().manual_seed(5),
+                   output_type="pt", height=32, width=32).images
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+    base = LatentConsistencyModelPipeline.from_pretrained(tiny_lcm_path)(
+        PROMPTS[:2], num_inference_steps=8, guidance_scale=8.0, generator=torch.Generator().manual_seed(5),
+        output_type="pt", height=32, width=32).images
+    assert (base - expected).abs().max() > 1e-3  # the LoRA weights changed the samples
+
+
+def test_load_lora_restores_weights(tiny_lcm_path, tmp_path):
+    source = LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32)
+    perturb_lora(source)
+    source.save_lora(tmp_path)
+    target = LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32)
+    target.load_lora(tmp_path)
+    for a, b in zip(source.trainable_parameters(), target.trainable_parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_model_path_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing folder"):
+        LCMPolicy.from_pretrained(str(tmp_path / "missing" / "model"))
+    with pytest.raises(FileNotFoundError, match="cannot load model"):
+        LCMPolicy.from_pretrained(str(tmp_path))  # exists, but is no pipeline
+
+
+def test_options_are_validated(tiny_lcm_path):
+    with pytest.raises(ValueError, match="logprob_reduction"):
+        LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32, logprob_reduction="max")
+    with pytest.raises(ValueError, match="resolution"):
+        LCMPolicy.from_pretrained(tiny_lcm_path, resolution=30)
+
+
+def test_step_constants_follow_the_lcm_schedule(policy):
+    scheduler = policy.pipeline.scheduler
+    assert policy.timesteps.tolist() == [999, 879, 759, 639, 499, 379, 259, 139]
+    first = policy.step_constants[0]
+    assert first["alpha_prod_t"].item() == pytest.approx(scheduler.alphas_cumprod[999].item())
+    assert first["alpha_prod_t_prev"].item() == pytest.approx(scheduler.alphas_cumprod[879].item())
+    c_skip, c_out = 0.25 / (9990**2 + 0.25), 9990 / math.sqrt(9990**2 + 0.25)  # timestep_scaling = 10
+    assert first["c_skip"].item() == pytest.approx(c_skip) and first["c_out"].item() == pytest.approx(c_out)
