@@ -2,31 +2,53 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import flags
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Training configuration file.", lock_config=True)
 
 
-def main(argv: list[str]) -> int:
+def load_config(argv: list[str]) -> ConfigDict:
+    """Parse `--config FILE --config.a.b=value ...`; any problem becomes one line in a `ValueError`."""
     try:
         flags.FLAGS(argv)
+        config = _CONFIG.value
+        config.algorithm  # noqa: B018 -- the config file is loaded lazily; surface its errors here
     except flags.Error as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise ValueError(str(e).strip().splitlines()[0]) from None
+    except (AttributeError, KeyError) as e:
+        text = str(e).replace("\\", "")
+        key = re.search(r"'([A-Za-z_]\w*)'", text)
+        key = key.group(1) if key else text
+        override = next((a for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")), key)
+        hint = re.search(r'Did you mean "([\w.]+)"', text)
+        hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+        raise ValueError(f"unknown config key {key!r} in {override}{hint}") from None
+    except OSError as e:
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        raise ValueError(f"cannot load the --config file: {detail}") from None
+    return config
+
+
+def main(argv: list[str]) -> int:
+    try:
+        config = load_config(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from rebel_diffusion.trainer import ConfigError, NonFiniteRewardError, train
 
     try:
-        run_dir = train(_CONFIG.value)
+        train(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteRewardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"run folder: {run_dir}")
     return 0
 
 

@@ -34,6 +34,7 @@ def get_config() -> ConfigDict:
     config.reward.name = "jpeg_compressibility"  # a registered reward or a "module:function" path
     config.reward.head_path = config_dict.placeholder(str)  # aesthetic: local sac+logos+ava1-l14-linearMSE.pth
     config.reward.clip_pretrained = "openai"  # aesthetic: open_clip tag or a local ViT-L-14 checkpoint
+    config.reward.clip_model = "ViT-L-14"  # aesthetic: open_clip model name (768-d image embedding)
     config.reward.batch_size = 32  # aesthetic: images per CLIP forward
 
     config.sample = ConfigDict()

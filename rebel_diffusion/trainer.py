@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from rebel_diffusion.algorithms import PerPromptStatTracker, ppo_loss, rebel_loss, regression_targets
 from rebel_diffusion.plots import save_image_grid, save_learning_curve
 from rebel_diffusion.policies.lcm import LCMPolicy
-from rebel_diffusion.rewards import check_reward_name, make_reward_fn
+from rebel_diffusion.rewards import RewardSetupError, check_reward_name, make_reward_fn
 from rebel_diffusion.trajectory import Trajectory
 
 ALGORITHMS = ("rebel", "ppo")
@@ -227,17 +227,22 @@ def train(config: ConfigDict) -> Path:
     is_main = accelerator.is_main_process
     set_seed(config.seed, device_specific=True)
 
+    dtype = DTYPES[config.mixed_precision]
+    # The reward first: a bad head path fails before a multi-GB model download.
+    reward_options = {k: v for k, v in config.reward.items() if k != "name"}
+    try:
+        reward_fn = make_reward_fn(config.reward.name, device=accelerator.device, dtype=dtype, **reward_options)
+    except RewardSetupError as e:
+        raise ConfigError(f"reward {config.reward.name!r}: {e}") from None
     try:
         policy = LCMPolicy.from_pretrained(
-            config.model.pretrained, device=accelerator.device, dtype=DTYPES[config.mixed_precision],
+            config.model.pretrained, device=accelerator.device, dtype=dtype,
             num_steps=config.model.num_steps, guidance_scale=config.model.guidance_scale,
             resolution=config.resolution, logprob_reduction=config.model.logprob_reduction,
             lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, lora_init=config.lora.init,
         )
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.pretrained: {e}") from None
-    reward_options = {k: v for k, v in config.reward.items() if k != "name"}
-    reward_fn = make_reward_fn(config.reward.name, device=accelerator.device, dtype=policy.dtype, **reward_options)
     num_actions = policy.num_actions
 
     pairs_or_samples = config.sample.batch_size * config.sample.num_batches_per_epoch
@@ -368,4 +373,5 @@ def train(config: ConfigDict) -> Path:
     if is_main:
         save_learning_curve(metrics_path, run_dir / "learning_curve.png", title=run_dir.name)
     accelerator.end_training()
+    accelerator.print(f"run folder: {run_dir}")
     return run_dir

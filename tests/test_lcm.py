@@ -106,7 +106,7 @@ def test_prompt_embeddings_are_computed_once_per_distinct_prompt(policy, monkeyp
     monkeypatch.setattr(policy.pipeline, "encode_prompt", counting)
     first = policy.encode_prompts(PROMPTS)
     second = policy.encode_prompts(list(reversed(PROMPTS)))
-    assert calls == [PROMPTS[:2]]
+    assert calls == [[PROMPTS[0]], [PROMPTS[1]]]
     torch.testing.assert_close(second, first.flip(0))
 
 

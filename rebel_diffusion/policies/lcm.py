@@ -185,11 +185,14 @@ class LCMPolicy:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder states `(B, L, D)`, computed once per distinct prompt and cached."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if new:
-            embeds, _ = self.pipeline.encode_prompt(new, self.device, 1, False)
-            self._prompt_cache.update(zip(new, embeds))
+        """Text-encoder states `(B, L, D)`, computed once per distinct prompt and cached.
+
+        Each prompt is encoded on its own so that its embedding never depends on what it was batched with (a resumed
+        run then reproduces an uninterrupted one bit for bit).
+        """
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self._prompt_cache:
+                self._prompt_cache[prompt] = self.pipeline.encode_prompt([prompt], self.device, 1, False)[0][0]
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
     def _denoise(self, latents: torch.Tensor, step: int, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:

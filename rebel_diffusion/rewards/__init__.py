@@ -14,6 +14,11 @@ from typing import Callable
 import torch
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+
+class RewardSetupError(RuntimeError):
+    """A reward could not be built (missing or corrupt weights, no network); its message is one line for the user."""
+
 RewardFactory = Callable[..., RewardFn]
 
 _FACTORIES: dict[str, RewardFactory] = {}

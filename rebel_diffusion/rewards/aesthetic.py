@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rebel_diffusion.rewards import RewardFn, register_reward
+from rebel_diffusion.rewards import RewardFn, RewardSetupError, register_reward
 
 HEAD_FILENAME = "sac+logos+ava1-l14-linearMSE.pth"
 HEAD_URL = f"https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/{HEAD_FILENAME}"
@@ -42,7 +42,7 @@ _CLIP_HINT = (
 )
 
 
-class AestheticWeightsError(RuntimeError):
+class AestheticWeightsError(RewardSetupError):
     """The aesthetic head or CLIP weights are missing, unreachable or corrupt; the message says how to fix it."""
 
 

@@ -1,0 +1,45 @@
+"""The command line: bad input is one clear line and a non-zero exit, before any model is loaded."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_all(cases: dict[str, list[str]], tmp_path: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Start every case at once (each is mostly interpreter start-up), then collect them."""
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "train.py", "--config", "configs/base.py", f"--config.logdir={tmp_path / 'runs'}", *args],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name, args in cases.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
+
+
+def test_bad_input_gives_one_line_and_a_non_zero_exit(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    cases = {
+        "unknown key": (["--config.train.learning_rat=1e-4"], "unknown config key 'learning_rat' in --config.train"),
+        "bad value": (["--config.num_epochs=ten"], "--config.num_epochs=ten"),
+        "missing config file": (["--config=configs/nope.py"], "cannot load the --config file"),
+        "unknown algorithm": (["--config.algorithm=dpo"], "unknown algorithm 'dpo'"),
+        "unknown reward": (["--config.reward.name=beauty"], "unknown reward 'beauty'"),
+        "missing prompt file": (["--config.prompt_file=missing.txt"], "prompt_file 'missing.txt' does not exist"),
+        "empty prompt file": ([f"--config.prompt_file={tmp_path / 'empty.txt'}"], "holds no prompts"),
+        "missing model": (["--config.model.pretrained=./models/none"], "model.pretrained './models/none' is neither"),
+    }
+    results = run_all({name: args for name, (args, _) in cases.items()}, tmp_path)
+    for name, (_, message) in cases.items():
+        result = results[name]
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)
+        assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "runs").exists()  # nothing was started

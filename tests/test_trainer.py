@@ -1,0 +1,234 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import LatentConsistencyModelPipeline
+from safetensors.torch import load_file
+
+import rebel_diffusion.trainer as trainer
+from configs.base import get_config
+from rebel_diffusion.trainer import ConfigError, NonFiniteRewardError, train, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(model: Path, logdir: Path, **overrides):
+    config = get_config()
+    config.model.pretrained = str(model)
+    config.resolution = 32
+    config.logdir = str(logdir)
+    config.run_name = "run"
+    config.log_with = ""
+    config.num_epochs = 2
+    config.save_freq = 1
+    config.sample.batch_size = 2
+    config.sample.num_batches_per_epoch = 2
+    config.train.batch_size = 1
+    config.train.gradient_accumulation_steps = 2
+    config.stat_tracker.min_count = 2
+    config.grid.num_prompts = 2
+    config.grid.num_seeds = 2
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rebel_run_writes_metrics_checkpoints_and_loadable_lora(tiny_lcm_path, tmp_path):
+    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3, num_checkpoint_limit=2, log_with="tensorboard")
+    run_dir = train(config)
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    for key in ("epoch", "reward_mean", "reward_std", "reward_queries", "loss", "lr", "seconds", "grad_norm"):
+        assert all(key in m for m in metrics), key
+    # REBEL spends two reward queries per prompt: 2 batches x 2 prompts x 2 samples per epoch.
+    assert [m["reward_queries"] for m in metrics] == [8, 16, 24]
+    assert metrics[-1]["optimizer_steps"] == 3 * 4 // 2
+    assert json.loads((run_dir / "config.json").read_text())["algorithm"] == "rebel"
+    assert list(run_dir.glob("events.out.tfevents.*")), "TensorBoard tracker wrote nothing"
+    for png in ("grid_first.png", "grid_last.png", "learning_curve.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["epoch_0002", "epoch_0003"]  # the limit pruned epoch_0001; no temporary folder left
+    last = run_dir / "checkpoints" / "epoch_0003"
+    lora = load_file(last / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("unet.") for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora.up" in k or "lora_B" in k), "LoRA did not train"
+    pipeline = LatentConsistencyModelPipeline.from_pretrained(tiny_lcm_path)
+    pipeline.load_lora_weights(last)
+    assert any("lora" in n for n, _ in pipeline.unet.named_parameters())
+
+
+def test_ppo_run_logs_its_diagnostics(tiny_lcm_path, tmp_path):
+    config = tiny_config(tiny_lcm_path, tmp_path, algorithm="ppo", num_epochs=1, **{"train.num_inner_epochs": 2})
+    metrics = read_metrics(train(config))
+    assert metrics[0]["reward_queries"] == 4  # one query per prompt
+    assert metrics[0]["optimizer_steps"] == 2 * 4 // 2  # 2 inner epochs x 4 micro-batches / 2 accumulated
+    assert 0.0 <= metrics[0]["clipfrac"] <= 1.0 and metrics[0]["approx_kl"] >= 0.0
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_lcm_path, tmp_path):
+    straight = train(tiny_config(tiny_lcm_path, tmp_path / "a", num_epochs=4, save_freq=2))
+    first = train(tiny_config(tiny_lcm_path, tmp_path / "b", num_epochs=2, save_freq=2))
+    resumed = train(tiny_config(tiny_lcm_path, tmp_path / "c", num_epochs=4, save_freq=2, run_name="",
+                                resume_from=str(first)))
+    assert resumed == first  # a resumed run without a run_name continues in its own folder
+
+    def strip(metrics):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+    assert strip(read_metrics(resumed)) == strip(read_metrics(straight))
+    a = load_file(straight / "checkpoints" / "epoch_0004" / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "checkpoints" / "epoch_0004" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_while_checkpointing_keeps_the_last_good_checkpoint(tiny_lcm_path, tmp_path, monkeypatch):
+    original = trainer.Accelerator.save_state
+    calls = []
+
+    def flaky_save_state(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            Path(output_dir, "optimizer.bin").write_bytes(b"half written")
+            raise KeyboardInterrupt
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(trainer.Accelerator, "save_state", flaky_save_state)
+    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert trainer.find_checkpoint(tmp_path / "run") == checkpoints / "epoch_0001"
+    assert not (checkpoints / "epoch_0002").exists()
+    monkeypatch.setattr(trainer.Accelerator, "save_state", original)
+    config.resume_from = str(tmp_path / "run")
+    train(config)  # resumes from epoch 1 and rewrites epochs 1 and 2 once each
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [0, 1, 2]
+
+
+def test_non_finite_reward_stops_the_run_naming_epoch_and_prompt(tiny_lcm_path, tmp_path, monkeypatch):
+    (tmp_path / "nan_reward.py").write_text(textwrap.dedent("""
+        import torch
+        calls = 0
+        def reward(images, prompts):
+            global calls
+            calls += 1
+            rewards = torch.ones(len(prompts))
+            if calls > 2:  # epoch 0 has two sampling batches; the first batch of epoch 1 goes wrong
+                rewards[1] = float("nan")
+            return rewards
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3, prompt_file=str(tmp_path / "prompts.txt"),
+                         **{"reward.name": "nan_reward:reward"})
+    with pytest.raises(NonFiniteRewardError, match=r"epoch 1: reward nan for prompt 'a cat'.*epoch_0001"):
+        train(config)
+    assert (tmp_path / "run" / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").exists()
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [0]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"algorithm": "dpo"}, "unknown algorithm 'dpo'"),
+        ({"reward.name": "beauty"}, "unknown reward 'beauty'"),
+        ({"reward.name": "no_such_module:fn"}, "cannot import module 'no_such_module'"),
+        ({"prompt_file": "/nonexistent/prompts.txt"}, "does not exist"),
+        ({"model.pretrained": "./no/such/model"}, "neither an existing folder"),
+        ({"train.gradient_accumulation_steps": 3}, "must be a multiple of"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"resume_from": "/nonexistent/run"}, "resume_from"),
+    ],
+)
+def test_bad_config_is_rejected_before_loading_anything(tiny_lcm_path, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(tiny_config(tiny_lcm_path, tmp_path, **overrides))
+
+
+def test_empty_prompt_file_and_existing_run_folder(tiny_lcm_path, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        validate_config(tiny_config(tiny_lcm_path, tmp_path, prompt_file=str(tmp_path / "empty.txt")))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny_config(tiny_lcm_path, tmp_path))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"epoch": 0}\n'  # nothing the user made is lost
+
+
+def test_two_processes_end_with_identical_lora_weights(tiny_lcm_path, tmp_path):
+    # Each rank dumps its own LoRA weights after training; DDP must have kept them in sync.
+    script = tmp_path / "two_ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import rebel_diffusion.trainer as trainer
+        from test_trainer import tiny_config
+
+        original = trainer.save_checkpoint
+        def save_and_dump(accelerator, run_dir, progress, keep):
+            unet = accelerator.unwrap_model(accelerator._models[0])
+            weights = {{n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}}
+            torch.save(weights, run_dir / f"rank{{accelerator.process_index}}.pt")
+            return original(accelerator, run_dir, progress, keep)
+        trainer.save_checkpoint = save_and_dump
+        trainer.train(tiny_config({str(tiny_lcm_path)!r}, {str(tmp_path)!r}, num_epochs=1))
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "run" / f"rank{i}.pt") for i in (0, 1))
+    assert rank0.keys() == rank1.keys() and rank0
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(rank0[k].abs().sum() > 0 for k in rank0 if "lora_B" in k), "no update happened"
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[0]["reward_queries"] == 2 * 2 * 2 * 2  # two processes, each 2 batches x 2 prompts x 2 samples
+
+
+def test_aesthetic_reward_runs_end_to_end(tiny_lcm_path, tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    head = REPO.parent / "shared" / "assets" / "sac+logos+ava1-l14-linearMSE.pth"
+    if not head.is_file():
+        pytest.skip(f"the aesthetic head is not at {head}")
+    # A 2-layer ViT with ViT-L-14's 768-d embedding, saved as a local checkpoint like a user's offline copy.
+    (tmp_path / "tiny-vit.json").write_text(json.dumps({
+        "embed_dim": 768,
+        "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 1, "layers": 1},
+    }))
+    open_clip.add_model_config(tmp_path / "tiny-vit.json")
+    torch.save(open_clip.create_model("tiny-vit").state_dict(), tmp_path / "tiny-vit.pt")
+    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=1, **{
+        "reward.name": "aesthetic", "reward.head_path": str(head), "reward.clip_model": "tiny-vit",
+        "reward.clip_pretrained": str(tmp_path / "tiny-vit.pt"),
+    })
+    metrics = read_metrics(train(config))
+    assert 0.0 < metrics[0]["reward_mean"] < 12.0 and metrics[0]["reward_std"] > 0
+
+
+def test_missing_aesthetic_head_is_a_config_error(tiny_lcm_path, tmp_path):
+    config = tiny_config(tiny_lcm_path, tmp_path, **{"reward.name": "aesthetic",
+                                                     "reward.head_path": str(tmp_path / "missing.pth")})
+    with pytest.raises(ConfigError, match="reward.head_path"):
+        train(config)
