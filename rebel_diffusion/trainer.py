@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from ml_collections import ConfigDict
@@ -116,11 +116,11 @@ def validate_config(config: ConfigDict) -> list[str]:
     return read_prompts(config.prompt_file)
 
 
-def _run_dir(config: ConfigDict) -> Path:
+def _run_dir(config: ConfigDict, checkpoint: Path | None) -> Path:
     """<logdir>/<run_name>; a resumed run without a run_name continues in its own folder."""
     name = config.run_name
-    if not name and config.resume_from:
-        return find_checkpoint(config.resume_from).parent.parent
+    if not name and checkpoint is not None:
+        return checkpoint.parent.parent
     if not name:
         stamp = [datetime.datetime.now().strftime("%Y%m%d_%H%M%S")]
         broadcast_object_list(stamp)  # every process must agree on the folder
@@ -210,16 +210,17 @@ def train(config: ConfigDict) -> Path:
     """Run (or resume) one training run; returns its folder."""
     prompt_pool = validate_config(config)
     rebel = config.algorithm == "rebel"
+    last_checkpoint = find_checkpoint(config.resume_from) if config.resume_from else None
+    # The processes agree on the run folder first: trackers write to <project_dir>/<run_name>.
+    PartialState(cpu=not torch.cuda.is_available())
+    run_dir = _run_dir(config, last_checkpoint)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with=config.log_with or None,
-        # Trackers write to <project_dir>/<run_name>, the run folder.
-        project_dir=str(find_checkpoint(config.resume_from).parent.parent.parent
-                        if config.resume_from and not config.run_name else config.logdir),
+        project_dir=str(run_dir.parent),
     )
-    run_dir = _run_dir(config)
     metrics_path = run_dir / "metrics.jsonl"
     if not config.resume_from and metrics_path.exists():
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; resume it with "
@@ -261,9 +262,8 @@ def train(config: ConfigDict) -> Path:
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(stat_tracker, progress)
     _lora_hooks(accelerator, policy)
-    if config.resume_from:
-        accelerator.load_state(str(find_checkpoint(config.resume_from)))
-    last_checkpoint = find_checkpoint(config.resume_from) if config.resume_from else None
+    if last_checkpoint is not None:
+        accelerator.load_state(str(last_checkpoint))
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ class Trajectory:
         actions: `(B, T, *action_shape)` the action taken at each step (LCM: the next latent x_{t-1}).
         log_probs: `(B, T)` log pi(action | state) under the sampling policy, float32.
         mask: `(B, T)` bool, True where a step is real (False on padding of variable-length sequences).
-        outputs: `(B, ...)` the final output (LCM: images `(B, 3, H, W)` in [0, 1]).
+        outputs: `(B, ...)` the final output (LCM: images `(B, 3, H, W)` in [0, 1]); None once dropped after scoring.
         conditioning: `(B, ...)` what the policy conditions on besides the state (LCM: prompt embeddings).
         rewards: `(B,)` the reward of each output, once scored.
     """
@@ -34,7 +34,7 @@ class Trajectory:
     actions: torch.Tensor
     log_probs: torch.Tensor
     mask: torch.Tensor
-    outputs: torch.Tensor
+    outputs: torch.Tensor | None
     conditioning: torch.Tensor
     rewards: torch.Tensor | None = None
 

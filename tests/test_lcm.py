@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline
 
-from rebel_diffusion.policies.lcm import LCMPolicy, gaussian_log_prob
+from rebel_diffusion.policies.lcm import LORA_TARGETS, LCMPolicy, gaussian_log_prob
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
 
@@ -157,3 +157,23 @@ def test_step_constants_follow_the_lcm_schedule(policy):
     assert first["alpha_prod_t_prev"].item() == pytest.approx(scheduler.alphas_cumprod[879].item())
     c_skip, c_out = 0.25 / (9990**2 + 0.25), 9990 / math.sqrt(9990**2 + 0.25)  # timestep_scaling = 10
     assert first["c_skip"].item() == pytest.approx(c_skip) and first["c_out"].item() == pytest.approx(c_out)
+
+
+def test_lora_on_the_full_size_dreamshaper_unet_shapes():
+    # LCM Dreamshaper v7's UNet (Stable Diffusion 1.5 with a 256-d w-embedding), built on the meta device: no memory.
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=96, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8, time_cond_proj_dim=256,
+        )
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)))
+    adapted = [m for n, m in unet.named_modules() if hasattr(m, "lora_A") and n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0")]
+    assert len(adapted) == 16 * 2 * 4  # 16 transformer blocks, self- and cross-attention, q/k/v/out
+    expected = sum(8 * (m.in_features + m.out_features) for m in adapted)
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    assert trainable == expected == 1_594_368  # 6.4 MB of fp32 LoRA weights against an 861M-parameter UNet
