@@ -39,14 +39,14 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from rebel_diffusion.trainer import ConfigError, NonFiniteRewardError, train
+    from rebel_diffusion.trainer import ConfigError, NonFiniteError, train
 
     try:
         train(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteRewardError as e:
+    except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

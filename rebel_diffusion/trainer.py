@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections import defaultdict
@@ -40,8 +41,8 @@ class ConfigError(ValueError):
     """A problem with the user's input, reported as one line before any compute is spent."""
 
 
-class NonFiniteRewardError(RuntimeError):
-    """A reward came back NaN or infinite; the run stops with its last checkpoint intact."""
+class NonFiniteError(RuntimeError):
+    """A reward or a gradient came back NaN or infinite; the run stops with its last checkpoint intact."""
 
 
 class TrainingProgress:
@@ -70,12 +71,18 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's finished checkpoints, oldest first (not the `.tmp`/`.old` folders of an interrupted write)."""
+    folders = (run_dir / "checkpoints").glob("epoch_*")
+    return sorted(p for p in folders if re.fullmatch(r"epoch_\d+", p.name) and (p / CHECKPOINT_FILE).is_file())
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder itself, or the latest complete checkpoint in a run folder."""
     path = Path(path)
     if (path / CHECKPOINT_FILE).is_file():
         return path
-    complete = sorted(p for p in (path / "checkpoints").glob("epoch_*") if (p / CHECKPOINT_FILE).is_file())
+    complete = complete_checkpoints(path)
     if not complete:
         raise ConfigError(f"resume_from {str(path)!r} is neither a checkpoint nor a run folder with checkpoints")
     return complete[-1]
@@ -98,7 +105,7 @@ def validate_config(config: ConfigDict) -> list[str]:
     pretrained = str(config.model.pretrained)
     if not Path(pretrained).expanduser().exists() and (pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1):
         raise ConfigError(f"model.pretrained {pretrained!r} is neither an existing folder nor a Hub id (owner/name)")
-    for key in ("num_epochs", "save_freq", "sample.batch_size", "sample.num_batches_per_epoch", "train.batch_size",
+    for key in ("num_epochs", "save_freq", "num_checkpoint_limit", "sample.batch_size", "sample.num_batches_per_epoch", "train.batch_size",
                 "train.gradient_accumulation_steps", "train.num_inner_epochs", "resolution"):
         value = config
         for part in key.split("."):
@@ -165,8 +172,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        complete = sorted(p for p in final.parent.glob("epoch_*") if (p / CHECKPOINT_FILE).is_file())
-        for stale in complete[:-keep]:
+        for stale in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
@@ -253,9 +259,10 @@ def train(config: ConfigDict) -> Path:
         betas=(config.train.adam_beta1, config.train.adam_beta2),
         weight_decay=config.train.adam_weight_decay, eps=config.train.adam_epsilon,
     )
+    # accelerate steps a prepared scheduler once per process at every optimizer step: count in those units.
     lr_scheduler = get_scheduler(
-        config.train.lr_schedule, optimizer, num_warmup_steps=config.train.lr_warmup_steps,
-        num_training_steps=steps_per_epoch * config.train.num_inner_epochs * config.num_epochs,
+        config.train.lr_schedule, optimizer, num_warmup_steps=config.train.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=steps_per_epoch * config.train.num_inner_epochs * config.num_epochs * accelerator.num_processes,
     )
     policy.unet, optimizer, lr_scheduler = accelerator.prepare(policy.unet, optimizer, lr_scheduler)
     stat_tracker = PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count)
@@ -298,7 +305,7 @@ def train(config: ConfigDict) -> Path:
         bad = np.flatnonzero(~np.isfinite(all_rewards))
         if bad.size:
             kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-            raise NonFiniteRewardError(
+            raise NonFiniteError(
                 f"epoch {epoch}: reward {all_rewards[bad[0]]} for prompt {all_prompts[bad[0]]!r}; stopped, {kept}"
             )
         advantages = stat_tracker.update(all_prompts, all_rewards)
@@ -345,6 +352,11 @@ def train(config: ConfigDict) -> Path:
                             info["clipfrac"].append(stats["clipfrac"])
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), config.train.max_grad_norm)
+                        # fp16's loss scaler skips overflowing steps by itself; elsewhere a NaN would reach the weights.
+                        if config.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                            kept = last_checkpoint or "none was written yet"
+                            raise NonFiniteError(f"epoch {epoch}: gradient norm {grad_norm.item()}; stopped before the "
+                                                 f"update, the last good checkpoint is {kept}")
                         info["grad_norm"].append(grad_norm.detach().float())
                         progress.optimizer_steps += 1
                     optimizer.step()

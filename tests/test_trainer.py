@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import rebel_diffusion.trainer as trainer
 from configs.base import get_config
-from rebel_diffusion.trainer import ConfigError, NonFiniteRewardError, train, validate_config
+from rebel_diffusion.algorithms import rebel_loss
+from rebel_diffusion.trainer import ConfigError, NonFiniteError, train, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,6 +116,10 @@ def test_crash_while_checkpointing_keeps_the_last_good_checkpoint(tiny_lcm_path,
     checkpoints = tmp_path / "run" / "checkpoints"
     assert trainer.find_checkpoint(tmp_path / "run") == checkpoints / "epoch_0001"
     assert not (checkpoints / "epoch_0002").exists()
+    # A replaced checkpoint whose deletion was cut short must not be taken for a newer one either.
+    (checkpoints / "epoch_0009.old").mkdir()
+    (checkpoints / "epoch_0009.old" / "checkpoint.json").write_text('{"epoch": 9}')
+    assert trainer.find_checkpoint(tmp_path / "run") == checkpoints / "epoch_0001"
     monkeypatch.setattr(trainer.Accelerator, "save_state", original)
     config.resume_from = str(tmp_path / "run")
     train(config)  # resumes from epoch 1 and rewrites epochs 1 and 2 once each
@@ -137,10 +142,17 @@ def test_non_finite_reward_stops_the_run_naming_epoch_and_prompt(tiny_lcm_path, 
     (tmp_path / "prompts.txt").write_text("a cat\n")
     config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3, prompt_file=str(tmp_path / "prompts.txt"),
                          **{"reward.name": "nan_reward:reward"})
-    with pytest.raises(NonFiniteRewardError, match=r"epoch 1: reward nan for prompt 'a cat'.*epoch_0001"):
+    with pytest.raises(NonFiniteError, match=r"epoch 1: reward nan for prompt 'a cat'.*epoch_0001"):
         train(config)
     assert (tmp_path / "run" / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").exists()
     assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [0]
+
+
+def test_non_finite_gradient_stops_before_the_update(tiny_lcm_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "rebel_loss", lambda *args: rebel_loss(*args) * float("nan"))
+    with pytest.raises(NonFiniteError, match=r"epoch 0: gradient norm nan.*none was written yet"):
+        train(tiny_config(tiny_lcm_path, tmp_path))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(
@@ -153,6 +165,7 @@ def test_non_finite_reward_stops_the_run_naming_epoch_and_prompt(tiny_lcm_path, 
         ({"model.pretrained": "./no/such/model"}, "neither an existing folder"),
         ({"train.gradient_accumulation_steps": 3}, "must be a multiple of"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"num_checkpoint_limit": 0}, "num_checkpoint_limit must be at least 1"),
         ({"resume_from": "/nonexistent/run"}, "resume_from"),
     ],
 )

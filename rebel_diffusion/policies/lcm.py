@@ -149,10 +149,15 @@ class LCMPolicy:
                     "c_out": torch.as_tensor(c_out, dtype=torch.float32),
                 }
             )
+        # Everything a step needs lives on the device once, not copied at every UNet call.
+        self.step_constants = [{k: v.to(self.device) for k, v in c.items()} for c in self.step_constants]
+        self.timesteps = self.timesteps.to(self.device)
         self.prediction_type = scheduler.config.prediction_type
         self.clip_sample_range = scheduler.config.clip_sample_range if scheduler.config.get("clip_sample") else None
         w = torch.tensor([guidance_scale - 1.0])
-        self.w_embedding = pipeline.get_guidance_scale_embedding(w, pipeline.unet.config.time_cond_proj_dim)
+        self.w_embedding = pipeline.get_guidance_scale_embedding(w, pipeline.unet.config.time_cond_proj_dim).to(
+            self.device, dtype
+        )
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -197,14 +202,13 @@ class LCMPolicy:
 
     def _denoise(self, latents: torch.Tensor, step: int, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """UNet call plus `lcm_step` at chain index `step` -> (denoised, mean, std), float32."""
-        t = self.timesteps[step].to(self.device)
-        w_embedding = self.w_embedding.to(self.device, self.dtype).expand(len(latents), -1)
+        t = self.timesteps[step]
+        w_embedding = self.w_embedding.expand(len(latents), -1)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             model_output = self.unet(
                 latents.to(self.dtype), t, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds, return_dict=False
             )[0]
-        constants = {k: v.to(self.device) for k, v in self.step_constants[step].items()}
-        return lcm_step(model_output.float(), latents.float(), **constants, prediction_type=self.prediction_type,
+        return lcm_step(model_output.float(), latents.float(), **self.step_constants[step], prediction_type=self.prediction_type,
                         clip_sample_range=self.clip_sample_range)
 
     @torch.no_grad()
