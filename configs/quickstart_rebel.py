@@ -13,8 +13,8 @@ def get_config() -> ConfigDict:
     config.prompt_file = "assets/quickstart_prompts.txt"
     config.resolution = 32
     config.reward.name = "jpeg_compressibility"
-    config.num_epochs = 12
-    config.save_freq = 12
+    config.num_epochs = 16
+    config.save_freq = 16
     config.sample.batch_size = 12
     config.sample.num_batches_per_epoch = 2
     config.train.batch_size = 4
