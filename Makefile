@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-## REBEL on the tiny model shipped in assets/tiny-lcm, on the CPU (about 5 minutes on 2 cores)
+## REBEL on the tiny model shipped in assets/tiny-lcm, on the CPU (about 3 minutes on 2 cores)
 quickstart: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train.py --config configs/quickstart_rebel.py
@@ -20,7 +20,7 @@ quickstart-ppo: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train.py --config configs/quickstart_ppo.py
 
-## The test suite without the slow end-to-end runs (about 10 minutes on 2 cores)
+## The test suite without the slow end-to-end runs (about 4 minutes on 2 cores)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(TESTS)
 
