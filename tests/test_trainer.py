@@ -245,3 +245,48 @@ def test_missing_aesthetic_head_is_a_config_error(tiny_lcm_path, tmp_path):
                                                      "reward.head_path": str(tmp_path / "missing.pth")})
     with pytest.raises(ConfigError, match="reward.head_path"):
         train(config)
+
+
+# A 2-epoch seed-0 run of each algorithm on the shipped tiny model, measured before the algorithm interface existed.
+# The reward is smooth (mean brightness), so fp32 rounding cannot flip a quantised pixel the way it can for JPEG sizes.
+PINNED = {
+    "rebel": {
+        "metrics": [
+            {"epoch": 0, "reward_mean": 0.6082510948181152, "reward_std": 0.32056745886802673, "reward_queries": 8,
+             "optimizer_steps": 2, "loss": 3.9974513053894043, "grad_norm": 0.8649943470954895},
+            {"epoch": 1, "reward_mean": 0.3184322118759155, "reward_std": 0.22900323569774628, "reward_queries": 16,
+             "optimizer_steps": 4, "loss": 4.187541961669922, "grad_norm": 1.0534374713897705},
+        ],
+        "lora_abs_sum": 2051.78844747566,
+    },
+    "ppo": {
+        "metrics": [
+            {"epoch": 0, "reward_mean": 0.621890664100647, "reward_std": 0.3145059049129486, "reward_queries": 4,
+             "optimizer_steps": 4, "loss": -2.963202314276714e-05, "approx_kl": 1.586680582477129e-07,
+             "clipfrac": 0.5714285969734192, "grad_norm": 0.012953521683812141},
+            {"epoch": 1, "reward_mean": 0.3181407153606415, "reward_std": 0.22062985599040985, "reward_queries": 8,
+             "optimizer_steps": 8, "loss": 0.05585877224802971, "approx_kl": 2.498141249418495e-08,
+             "clipfrac": 0.4107142984867096, "grad_norm": 0.016064263880252838},
+        ],
+        "lora_abs_sum": 2058.317270143725,
+    },
+}
+
+
+@pytest.mark.parametrize("algorithm", ["rebel", "ppo"])
+def test_rebel_and_ppo_keep_their_pinned_numbers(algorithm, tmp_path, monkeypatch):
+    (tmp_path / "pin_reward.py").write_text("def brightness(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tiny_config(REPO / "assets" / "tiny-lcm", tmp_path, algorithm=algorithm,
+                         prompt_file=str(REPO / "assets" / "quickstart_prompts.txt"),
+                         **{"reward.name": "pin_reward:brightness", "grid.num_prompts": 0,
+                            "train.num_inner_epochs": 2 if algorithm == "ppo" else 1})
+    run_dir = train(config)
+    pinned = PINNED[algorithm]
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    for got, want in zip(metrics, pinned["metrics"]):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-9), (got["epoch"], key)
+    lora = load_file(run_dir / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors")
+    assert sum(v.double().abs().sum().item() for v in lora.values()) == pytest.approx(pinned["lora_abs_sum"], rel=1e-5)
