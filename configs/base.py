@@ -6,7 +6,10 @@ from ml_collections import ConfigDict, config_dict
 def get_config() -> ConfigDict:
     config = ConfigDict()
 
-    config.algorithm = "rebel"  # "rebel" or "ppo"
+    config.algorithm = "rebel"  # "rebel", "ppo", "rloo", "grpo" or "online_dpo"
+    config.policy = "lcm"  # "lcm" (the LCM chain) or "causal_lm" (a transformers causal language model)
+    config.kl_coef = 0.0  # KL to the base model: shapes the reward (REBEL, RLOO, DPO) or a loss term (PPO, GRPO)
+    config.kl_log_samples = 2  # at kl_coef 0 (or as a loss term), the logged `kl` is estimated on this many samples
     config.seed = 0  # accelerate.utils.set_seed(seed, device_specific=True): each process draws its own noise
     config.num_epochs = 100
     config.logdir = "runs"
@@ -29,6 +32,7 @@ def get_config() -> ConfigDict:
     config.lora.rank = 8
     config.lora.alpha = 8.0
     config.lora.init = "gaussian"  # peft's init_lora_weights
+    config.lora.targets = ""  # comma-separated module names; "" = the policy's default (LCM: the attention projections)
 
     config.reward = ConfigDict()
     config.reward.name = "jpeg_compressibility"  # a registered reward or a "module:function" path
@@ -36,13 +40,14 @@ def get_config() -> ConfigDict:
     config.reward.clip_pretrained = "openai"  # aesthetic: open_clip tag or a local ViT-L-14 checkpoint
     config.reward.clip_model = "ViT-L-14"  # aesthetic: open_clip model name (768-d image embedding)
     config.reward.batch_size = 32  # aesthetic: images per CLIP forward
+    config.reward.missing_eos_penalty = config_dict.placeholder(float)  # text: the reward of a response without EOS
 
     config.sample = ConfigDict()
-    config.sample.batch_size = 8  # prompts per sampling batch per process (REBEL samples each prompt twice)
+    config.sample.batch_size = 8  # prompts per sampling batch per process; each is sampled k times (a group)
     config.sample.num_batches_per_epoch = 10
 
     config.train = ConfigDict()
-    config.train.batch_size = 1  # per process: REBEL pairs, or PPO trajectories, per micro-batch
+    config.train.batch_size = 1  # per process: groups (REBEL/DPO pairs, PPO samples, RLOO/GRPO groups) per micro-batch
     config.train.gradient_accumulation_steps = 8  # micro-batches per optimizer step
     config.train.learning_rate = 3e-4
     config.train.lr_schedule = "constant"  # any diffusers.optimization schedule name
@@ -62,6 +67,19 @@ def get_config() -> ConfigDict:
     config.ppo.clip_range = 1e-4
     config.ppo.adv_clip_max = 10.0
 
+    config.rloo = ConfigDict()
+    config.rloo.k = 4  # samples per prompt
+    config.rloo.clip_range = 0.2  # the clipped ratio, used from the second inner epoch on
+
+    config.grpo = ConfigDict()
+    config.grpo.k = 4  # samples per prompt
+    config.grpo.clip_range = 1e-4
+    config.grpo.adv_clip_max = 5.0
+    config.grpo.eps = 1e-4  # (r - mean) / (std + eps) within each group
+
+    config.dpo = ConfigDict()
+    config.dpo.beta = 0.1  # online DPO's temperature
+
     config.stat_tracker = ConfigDict()
     config.stat_tracker.buffer_size = 32
     config.stat_tracker.min_count = 16
@@ -70,5 +88,12 @@ def get_config() -> ConfigDict:
     config.grid.num_prompts = 4  # a sample grid of the first prompts at the start and the end of the run
     config.grid.num_seeds = 4
     config.grid.seed = 1234
+
+    config.eval = ConfigDict()
+    config.eval.prompt_file = ""  # held-out prompts; "" turns evaluation off
+    config.eval.every = 4  # epochs between evaluations (also before the first epoch and after the last)
+    config.eval.num_seeds = 2  # fixed seeds per prompt
+    config.eval.seed = 100000  # the first seed; far from the grid's, never used by training's own RNG
+    config.eval.rewards = ""  # comma-separated rewards to score, each logged as eval_<name>; "" = the training reward
 
     return config

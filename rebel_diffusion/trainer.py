@@ -1,12 +1,15 @@
-"""The training loop: sample trajectories, score them, turn rewards into targets, update the LoRA policy.
+"""The training loop: sample trajectories, score them, turn rewards into targets, update the policy's adapter.
 
-One epoch reads top to bottom in `train`: sampling, reward statistics across processes, then `num_inner_epochs`
-passes of shuffled micro-batches with REBEL's regression or PPO's clipped surrogate. accelerate handles processes,
-mixed precision, gradient accumulation and checkpoint state.
+One epoch reads top to bottom in `train`: sampling k trajectories per prompt, rewards and the KL to the base model,
+targets from the rewards of every process, then `num_inner_epochs` passes of shuffled micro-batches of whole groups.
+The trainer drives any policy through `rebel_diffusion.policies.Policy` and any algorithm through
+`rebel_diffusion.algorithms.base.Algorithm`, and knows none of them by name. accelerate handles processes, mixed
+precision, gradient accumulation and checkpoint state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -16,7 +19,7 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,13 +29,12 @@ from diffusers.optimization import get_scheduler
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from rebel_diffusion.algorithms import PerPromptStatTracker, ppo_loss, rebel_loss, regression_targets
-from rebel_diffusion.plots import save_image_grid, save_learning_curve
-from rebel_diffusion.policies.lcm import LCMPolicy
-from rebel_diffusion.rewards import RewardSetupError, check_reward_name, make_reward_fn
+from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
+from rebel_diffusion.plots import save_learning_curve
+from rebel_diffusion.policies import Policy, make_policy, policy_class
+from rebel_diffusion.rewards import RewardSetupError, check_reward_name, make_reward_fn, reward_kind
 from rebel_diffusion.trajectory import Trajectory
 
-ALGORITHMS = ("rebel", "ppo")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECKPOINT_FILE = "checkpoint.json"
 
@@ -60,14 +62,14 @@ class TrainingProgress:
         vars(self).update(state)
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Non-empty lines of a prompt file."""
+def read_prompts(path: str | Path, key: str = "prompt_file") -> list[str]:
+    """Non-empty lines of a prompt file; `key` names the config key in errors."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"prompt_file {str(path)!r} does not exist")
+        raise ConfigError(f"{key} {str(path)!r} does not exist")
     prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ConfigError(f"prompt_file {str(path)!r} holds no prompts")
+        raise ConfigError(f"{key} {str(path)!r} holds no prompts")
     return prompts
 
 
@@ -88,39 +90,66 @@ def find_checkpoint(path: str | Path) -> Path:
     return complete[-1]
 
 
-def validate_config(config: ConfigDict) -> list[str]:
-    """Check everything that can be checked before loading a model; return the prompts."""
+def _get(config: ConfigDict, key: str) -> Any:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
+    """Check everything that can be checked before loading a model; return the prompts and the algorithm."""
     if config.algorithm not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {config.algorithm!r}; choose one of {list(ALGORITHMS)}")
+    algorithm = ALGORITHMS[config.algorithm]
     try:
+        algorithm.check(config)
+        policy_kind = policy_class(config.policy).kind
         check_reward_name(config.reward.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if reward_kind(config.reward.name) not in ("any", policy_kind):
+        raise ConfigError(f"reward {config.reward.name!r} scores {reward_kind(config.reward.name)} outputs, but policy "
+                          f"{config.policy!r} produces {policy_kind}")
+    if config.kl_coef < 0:
+        raise ConfigError(f"kl_coef must be non-negative, got {config.kl_coef}")
     if config.mixed_precision not in DTYPES:
         raise ConfigError(f"mixed_precision must be one of {list(DTYPES)}, got {config.mixed_precision!r}")
     if config.model.logprob_reduction not in ("mean", "sum"):
         raise ConfigError(f"model.logprob_reduction must be 'mean' or 'sum', got {config.model.logprob_reduction!r}")
-    if config.rebel.target not in ("advantages", "batch_zscore", "rewards"):
-        raise ConfigError(f"rebel.target must be 'advantages', 'batch_zscore' or 'rewards', got {config.rebel.target!r}")
     pretrained = str(config.model.pretrained)
     if not Path(pretrained).expanduser().exists() and (pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1):
         raise ConfigError(f"model.pretrained {pretrained!r} is neither an existing folder nor a Hub id (owner/name)")
-    for key in ("num_epochs", "save_freq", "num_checkpoint_limit", "sample.batch_size", "sample.num_batches_per_epoch", "train.batch_size",
-                "train.gradient_accumulation_steps", "train.num_inner_epochs", "resolution"):
-        value = config
-        for part in key.split("."):
-            value = value[part]
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
-    micro_batches = config.sample.batch_size * config.sample.num_batches_per_epoch / config.train.batch_size
-    if micro_batches != int(micro_batches) or int(micro_batches) % config.train.gradient_accumulation_steps:
+    for key in ("num_epochs", "save_freq", "num_checkpoint_limit", "sample.batch_size", "sample.num_batches_per_epoch",
+                "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "resolution"):
+        if _get(config, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {_get(config, key)}")
+    if config.kl_log_samples < 0:
+        raise ConfigError(f"kl_log_samples must be non-negative, got {config.kl_log_samples}")
+    groups = config.sample.batch_size * config.sample.num_batches_per_epoch
+    if groups % (config.train.batch_size * config.train.gradient_accumulation_steps):
         raise ConfigError(
-            "sample.batch_size * sample.num_batches_per_epoch must be a multiple of "
-            "train.batch_size * train.gradient_accumulation_steps, so that every optimizer step sees whole micro-batches"
+            f"sample.batch_size * sample.num_batches_per_epoch ({groups} prompts per process, each a group of "
+            f"{algorithm.group_size(config)} samples) must be a multiple of train.batch_size * "
+            "train.gradient_accumulation_steps, so that every optimizer step sees whole groups in whole micro-batches"
         )
     if config.resume_from:
         find_checkpoint(config.resume_from)
-    return read_prompts(config.prompt_file)
+    if config.eval.prompt_file:
+        if config.eval.every < 1 or config.eval.num_seeds < 1:
+            raise ConfigError("eval.every and eval.num_seeds must be at least 1 when eval.prompt_file is set")
+        read_prompts(config.eval.prompt_file, key="eval.prompt_file")
+        for name in _eval_reward_names(config):
+            try:
+                check_reward_name(name)
+            except ValueError as e:
+                raise ConfigError(f"eval.rewards: {e}") from None
+    return read_prompts(config.prompt_file), algorithm
+
+
+def _eval_reward_names(config: ConfigDict) -> list[str]:
+    """The rewards scored on held-out prompts: `eval.rewards` (comma-separated), else the training reward."""
+    return [name.strip() for name in config.eval.rewards.split(",") if name.strip()] or [config.reward.name]
 
 
 def _run_dir(config: ConfigDict, checkpoint: Path | None) -> Path:
@@ -135,7 +164,7 @@ def _run_dir(config: ConfigDict, checkpoint: Path | None) -> Path:
     return Path(config.logdir) / name
 
 
-def _lora_hooks(accelerator: Accelerator, policy: LCMPolicy) -> None:
+def _lora_hooks(accelerator: Accelerator, policy: Policy) -> None:
     """Checkpoint only the LoRA weights, in diffusers' format, instead of the whole UNet."""
 
     def save(models: list, weights: list, output_dir: str) -> None:
@@ -201,21 +230,109 @@ def _truncate_metrics(path: Path, first_epoch: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
+def _backward_context(accelerator: Accelerator, model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP all-reduces at every backward of a sync step; only a micro-batch's last backward needs to."""
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
+
+
+def step_loss_gradients(accelerator: Accelerator, policy: Policy, algorithm: Algorithm, batch: Trajectory,
+                        targets: torch.Tensor, config: ConfigDict, inner_epoch: int) -> dict[str, torch.Tensor]:
+    """Accumulate the gradient of a step loss on a micro-batch: one backward per chunk of steps, one graph at a time.
+
+    The micro-batch's loss is the mean over samples of each sample's mean (or sum) over its real steps, plus
+    `kl_coef` times the per-step KL to the base model when the algorithm takes the KL as a loss term.
+    """
+    chunks = policy.step_chunks()
+    mask = batch.mask.float()
+    denominator = mask.sum() if algorithm.step_reduction == "mean" else torch.tensor(float(len(batch)))
+    with_kl = config.kl_coef > 0 and not algorithm.kl_in_reward
+    total_loss, sums = torch.zeros(()), defaultdict(lambda: torch.zeros(()))
+    for i, steps in enumerate(chunks):
+        with _backward_context(accelerator, policy.model, last=i == len(chunks) - 1):
+            log_prob, kl = policy.log_prob(batch, steps, with_kl=with_kl)
+            step_mask = mask[:, steps.start : steps.stop]
+            loss, stats = algorithm.step_loss(log_prob, batch.log_probs[:, steps.start : steps.stop], targets, config,
+                                              inner_epoch)
+            if with_kl:
+                loss = loss + config.kl_coef * kl
+                stats["kl_loss"] = kl.detach()
+            loss = (loss * step_mask).sum() / denominator
+            accelerator.backward(loss)
+        total_loss += loss.detach().cpu()
+        for key, value in stats.items():
+            sums[key] += (value * step_mask).sum().cpu()
+    return {"loss": total_loss, **{key: value / mask.sum().cpu() for key, value in sums.items()}}
+
+
+def pair_loss_gradients(accelerator: Accelerator, policy: Policy, algorithm: Algorithm, batch: Trajectory,
+                        targets: torch.Tensor, config: ConfigDict) -> dict[str, torch.Tensor]:
+    """Accumulate the exact gradient of a pair loss on a micro-batch of pairs `(a_0, b_0, a_1, b_1, ...)`.
+
+    A pair loss L(delta), delta = log_ratio_a - log_ratio_b with log_ratio = sum_t [log pi_theta - log pi_t], has the
+    gradient L'(delta) * (sum_t grad log pi(a_t) - sum_t grad log pi(b_t)). Each chunk's gradient of
+    `log_ratio_a - log_ratio_b` is accumulated as it is computed (one graph alive at a time); once the last chunk gives
+    the full log-ratios, hence L'(delta), the pair's accumulated gradient is scaled by it, before the last backward so
+    that DDP's all-reduce sees the scaled sum. Gradients of earlier pairs and micro-batches are set aside meanwhile.
+    """
+    chunks, params = policy.step_chunks(), policy.trainable_parameters()
+    num_pairs = len(batch) // 2
+    losses = []
+    for pair_index in range(num_pairs):
+        pair = batch[[2 * pair_index, 2 * pair_index + 1]]
+        target = targets[2 * pair_index : 2 * pair_index + 2]
+        earlier = [param.grad for param in params]
+        for param in params:
+            param.grad = None
+        totals = torch.zeros(2, device=target.device)
+        for i, steps in enumerate(chunks):
+            last = i == len(chunks) - 1
+            with _backward_context(accelerator, policy.model, last=last and pair_index == num_pairs - 1):
+                log_prob, _ = policy.log_prob(pair, steps)
+                step_mask = pair.mask[:, steps.start : steps.stop]
+                ratio = ((log_prob - pair.log_probs[:, steps.start : steps.stop]) * step_mask).sum(dim=1)
+                if not last:
+                    accelerator.backward(ratio[0] - ratio[1])
+                    totals += ratio.detach()
+                    continue
+                full = (totals + ratio.detach()).requires_grad_()
+                loss = algorithm.pair_loss(full[:1], full[1:], target[:1], target[1:], config)
+                grad_a, grad_b = torch.autograd.grad(loss, full)[0]
+                if torch.isfinite(grad_a) and not torch.isclose(grad_a, -grad_b, rtol=1e-4, atol=1e-12):
+                    raise RuntimeError(f"algorithm {algorithm.name!r}: its pair loss must depend on log_ratio_a - log_ratio_b")
+                scale = grad_a / num_pairs
+                for param, before in zip(params, earlier):
+                    if param.grad is not None:
+                        param.grad.mul_(scale)
+                    if before is not None:
+                        param.grad = before if param.grad is None else param.grad.add_(before)
+                accelerator.backward((grad_a * ratio[0] + grad_b * ratio[1]) / num_pairs)
+        losses.append(loss.detach().cpu())
+    return {"loss": torch.stack(losses).mean()}
+
+
+def _trajectory_kl(policy: Policy, samples: Trajectory, num: int) -> torch.Tensor:
+    """Each trajectory's KL to the base model, `sum_t KL_t` `(B,)`: from sampling when recorded, else computed on the
+    first `num` trajectories only (a logging estimate that costs a few forward passes, not a pass per step)."""
+    if samples.kl is not None:
+        return samples.masked_sum(samples.kl)
+    subset = samples[:num]
+    return subset.masked_sum(policy.kl(subset)) if num else torch.zeros(0, device=samples.log_probs.device)
+
+
 @torch.no_grad()
-def _sample_grid(policy: LCMPolicy, prompts: list[str], config: ConfigDict, path: Path, is_main: bool) -> None:
-    """Samples of fixed prompts and seeds, rows = prompts, columns = seeds (every process samples, main saves)."""
-    columns = [
-        policy.sample(prompts, generator=torch.Generator().manual_seed(config.grid.seed + j)).outputs
-        for j in range(config.grid.num_seeds)
-    ]
-    if is_main:
-        save_image_grid(torch.stack(columns, dim=1), prompts, path)
+def evaluate(policy: Policy, prompts: list[str], seeds: list[int], reward_fns: dict[str, Callable]) -> dict[str, float]:
+    """Mean of each reward on held-out prompts x fixed seeds, as `eval_<name>`; the global RNG is left untouched."""
+    scores = defaultdict(list)
+    for seed in seeds:
+        outputs = policy.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs
+        for name, reward_fn in reward_fns.items():
+            scores[name].append(torch.as_tensor(reward_fn(outputs, prompts), dtype=torch.float32).cpu())
+    return {f"eval_{name}": torch.cat(values).mean().item() for name, values in scores.items()}
 
 
 def train(config: ConfigDict) -> Path:
     """Run (or resume) one training run; returns its folder."""
-    prompt_pool = validate_config(config)
-    rebel = config.algorithm == "rebel"
+    prompt_pool, algorithm = validate_config(config)
     last_checkpoint = find_checkpoint(config.resume_from) if config.resume_from else None
     # The processes agree on the run folder first: trackers write to <project_dir>/<run_name>.
     PartialState(cpu=not torch.cuda.is_available())
@@ -227,7 +344,7 @@ def train(config: ConfigDict) -> Path:
         log_with=config.log_with or None,
         project_dir=str(run_dir.parent),
     )
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
     if not config.resume_from and metrics_path.exists():
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; resume it with "
                           f"--config.resume_from={run_dir} or choose another run_name")
@@ -235,25 +352,24 @@ def train(config: ConfigDict) -> Path:
     set_seed(config.seed, device_specific=True)
 
     dtype = DTYPES[config.mixed_precision]
-    # The reward first: a bad head path fails before a multi-GB model download.
+    # The rewards first: a bad head path fails before a multi-GB model download.
     reward_options = {k: v for k, v in config.reward.items() if k != "name"}
+    eval_names = _eval_reward_names(config) if config.eval.prompt_file else []
     try:
         reward_fn = make_reward_fn(config.reward.name, device=accelerator.device, dtype=dtype, **reward_options)
+        eval_reward_fns = {name: reward_fn if name == config.reward.name else
+                           make_reward_fn(name, device=accelerator.device, dtype=dtype, **reward_options)
+                           for name in eval_names}
     except RewardSetupError as e:
         raise ConfigError(f"reward {config.reward.name!r}: {e}") from None
     try:
-        policy = LCMPolicy.from_pretrained(
-            config.model.pretrained, device=accelerator.device, dtype=dtype,
-            num_steps=config.model.num_steps, guidance_scale=config.model.guidance_scale,
-            resolution=config.resolution, logprob_reduction=config.model.logprob_reduction,
-            lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, lora_init=config.lora.init,
-        )
+        policy = make_policy(config, accelerator.device, dtype)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.pretrained: {e}") from None
-    num_actions = policy.num_actions
+    k = algorithm.group_size(config)
 
-    pairs_or_samples = config.sample.batch_size * config.sample.num_batches_per_epoch
-    steps_per_epoch = pairs_or_samples // config.train.batch_size // config.train.gradient_accumulation_steps
+    groups_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
+    steps_per_epoch = groups_per_epoch // config.train.batch_size // config.train.gradient_accumulation_steps
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(), lr=config.train.learning_rate,
         betas=(config.train.adam_beta1, config.train.adam_beta2),
@@ -264,7 +380,7 @@ def train(config: ConfigDict) -> Path:
         config.train.lr_schedule, optimizer, num_warmup_steps=config.train.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=steps_per_epoch * config.train.num_inner_epochs * config.num_epochs * accelerator.num_processes,
     )
-    policy.unet, optimizer, lr_scheduler = accelerator.prepare(policy.unet, optimizer, lr_scheduler)
+    policy.model, optimizer, lr_scheduler = accelerator.prepare(policy.model, optimizer, lr_scheduler)
     stat_tracker = PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(stat_tracker, progress)
@@ -275,81 +391,81 @@ def train(config: ConfigDict) -> Path:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, progress.epoch)
+        _truncate_metrics(eval_path, progress.epoch)
         (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
     accelerator.init_trackers(run_dir.name, config=_flat_hparams(config.to_dict()))
     grid_prompts = list(dict.fromkeys(prompt_pool))[: config.grid.num_prompts]
+    grid_seeds = [config.grid.seed + j for j in range(config.grid.num_seeds)]
     if progress.epoch == 0 and config.grid.num_prompts > 0:
-        _sample_grid(policy, grid_prompts, config, run_dir / "grid_first.png", is_main)
+        policy.save_samples(grid_prompts, grid_seeds, run_dir / "grid_first" if is_main else None)
+    eval_prompts = read_prompts(config.eval.prompt_file, "eval.prompt_file") if config.eval.prompt_file else []
+    eval_seeds = [config.eval.seed + j for j in range(config.eval.num_seeds)]
+    shape_reward_with_kl = algorithm.kl_in_reward and config.kl_coef > 0
 
-    for epoch in range(progress.epoch, config.num_epochs):
+    for epoch in range(progress.epoch, config.num_epochs + 1):
+        if eval_prompts and (epoch % config.eval.every == 0 or epoch == config.num_epochs):
+            policy.model.eval()
+            eval_metrics = {"epoch": epoch, **evaluate(policy, eval_prompts, eval_seeds, eval_reward_fns)}
+            if is_main:
+                _write_metrics(eval_path, eval_metrics)
+            accelerator.log({k: v for k, v in eval_metrics.items() if k != "epoch"}, step=epoch)
+        if epoch == config.num_epochs:
+            break
         start = time.time()
 
-        # Sampling: REBEL draws two independent trajectories per prompt, kept as aligned halves `a` and `b`.
-        policy.unet.eval()
+        # Sampling: k trajectories per prompt, stored group-major (sample j of group g at g * k + j).
+        policy.model.eval()
         batches = []
         for _ in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling", disable=not is_main):
             prompts = random.choices(prompt_pool, k=config.sample.batch_size)
-            trajectory = policy.sample(prompts + prompts if rebel else prompts)
-            trajectory.rewards = reward_fn(trajectory.outputs, trajectory.prompts).float().to(accelerator.device)
-            trajectory.outputs = None  # images are not needed past the reward; free their memory
-            batches.append(trajectory)
-        half = config.sample.batch_size
-        if rebel:
-            samples = Trajectory.cat([t[:half] for t in batches] + [t[half:] for t in batches])
-        else:
-            samples = Trajectory.cat(batches)
+            trajectory = policy.sample(prompts * k, with_kl=shape_reward_with_kl)
+            trajectory.rewards = torch.as_tensor(reward_fn(trajectory.outputs, trajectory.prompts),
+                                                 dtype=torch.float32).to(accelerator.device)
+            if trajectory.truncated is not None and config.reward.missing_eos_penalty is not None:
+                penalty = torch.tensor(float(config.reward.missing_eos_penalty), device=accelerator.device)
+                trajectory.rewards = torch.where(trajectory.truncated.to(accelerator.device), penalty, trajectory.rewards)
+            trajectory.outputs = None  # outputs are not needed past the reward; free their memory
+            group_major = torch.arange(len(trajectory)).reshape(k, -1).T.flatten()
+            batches.append(trajectory[group_major])
+        samples = Trajectory.cat(batches)
 
-        # Rewards of all processes feed one stat tracker, identical on every process; each keeps its own slice.
-        all_rewards = accelerator.gather(samples.rewards).cpu().numpy()
-        all_prompts = gather_object(samples.prompts)
-        bad = np.flatnonzero(~np.isfinite(all_rewards))
+        # Rewards of all processes feed one computation of targets, identical on every process; each keeps its rows.
+        all_rewards = accelerator.gather(samples.rewards).cpu().numpy().reshape(-1, k)
+        all_prompts = gather_object(samples.prompts)[::k]
+        bad = np.flatnonzero(~np.isfinite(all_rewards.reshape(-1)))
         if bad.size:
             kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-            raise NonFiniteError(
-                f"epoch {epoch}: reward {all_rewards[bad[0]]} for prompt {all_prompts[bad[0]]!r}; stopped, {kept}"
-            )
-        advantages = stat_tracker.update(all_prompts, all_rewards)
-        if rebel:
-            advantages = regression_targets(all_rewards, advantages, config.rebel.target)
-        local = torch.as_tensor(advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index],
+            raise NonFiniteError(f"epoch {epoch}: reward {all_rewards.reshape(-1)[bad[0]]} for prompt "
+                                 f"{all_prompts[bad[0] // k]!r}; stopped, {kept}")
+        with torch.no_grad():
+            kl = _trajectory_kl(policy, samples, config.kl_log_samples)
+        all_kl = gather_object(kl.cpu().tolist())
+        shaped = all_rewards
+        if shape_reward_with_kl:
+            shaped = all_rewards - config.kl_coef * np.asarray(all_kl).reshape(all_rewards.shape)
+        targets = algorithm.targets(shaped, all_prompts, stat_tracker, config)
+        local = torch.as_tensor(targets.reshape(accelerator.num_processes, -1)[accelerator.process_index],
                                 dtype=torch.float32, device=accelerator.device)
-        progress.reward_queries += len(all_rewards)
+        progress.reward_queries += all_rewards.size
 
-        # Training: shuffled micro-batches; one autograd graph per chain step at a time.
-        policy.unet.train()
+        # Training: shuffled micro-batches of whole groups.
+        policy.model.train()
         info = defaultdict(list)
-        num_units = len(samples) // 2 if rebel else len(samples)
+        num_groups = len(samples) // k
         for inner_epoch in range(config.train.num_inner_epochs):
-            order = torch.randperm(num_units)
-            for first in tqdm(range(0, num_units, config.train.batch_size), desc=f"epoch {epoch}.{inner_epoch}: training",
+            order = torch.randperm(num_groups)
+            for first in tqdm(range(0, num_groups, config.train.batch_size), desc=f"epoch {epoch}.{inner_epoch}: training",
                               disable=not is_main):
-                index = order[first : first + config.train.batch_size]
-                if rebel:
-                    index = torch.cat([index, index + num_units])  # the pairs' `a` halves, then their `b` halves
+                groups = order[first : first + config.train.batch_size]
+                index = (groups[:, None] * k + torch.arange(k)).flatten()
                 batch, target = samples[index], local[index]
-                with accelerator.accumulate(policy.unet):
-                    if rebel:
-                        pairs = len(index) // 2
-                        with torch.no_grad():
-                            current = torch.stack([policy.log_prob(batch, s) for s in range(num_actions)], dim=1)
-                        log_ratio = batch.masked_sum(current - batch.log_probs)
-                        for s in range(num_actions):
-                            log_prob = policy.log_prob(batch, s)
-                            # The value is the full sum over steps, the gradient flows through step s only: the T
-                            # backward passes add up to the exact gradient of the regression loss.
-                            step_ratio = log_ratio + (log_prob - log_prob.detach())
-                            loss = rebel_loss(step_ratio[:pairs], step_ratio[pairs:], target[:pairs], target[pairs:],
-                                              config.rebel.eta)
-                            accelerator.backward(loss)
-                        info["loss"].append(loss.detach())
+                with accelerator.accumulate(policy.model):
+                    if algorithm.pair_loss is not None:
+                        stats = pair_loss_gradients(accelerator, policy, algorithm, batch, target, config)
                     else:
-                        for s in range(num_actions):
-                            log_ratio = policy.log_prob(batch, s) - batch.log_probs[:, s]
-                            loss, stats = ppo_loss(log_ratio, target, config.ppo.clip_range, config.ppo.adv_clip_max)
-                            accelerator.backward(loss / num_actions)  # PPO's objective: the mean over steps
-                            info["loss"].append(loss.detach())
-                            info["approx_kl"].append(stats["approx_kl"])
-                            info["clipfrac"].append(stats["clipfrac"])
+                        stats = step_loss_gradients(accelerator, policy, algorithm, batch, target, config, inner_epoch)
+                    for key, value in stats.items():
+                        info[key].append(value)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), config.train.max_grad_norm)
                         # fp16's loss scaler skips overflowing steps by itself; elsewhere a NaN would reach the weights.
@@ -357,7 +473,7 @@ def train(config: ConfigDict) -> Path:
                             kept = last_checkpoint or "none was written yet"
                             raise NonFiniteError(f"epoch {epoch}: gradient norm {grad_norm.item()}; stopped before the "
                                                  f"update, the last good checkpoint is {kept}")
-                        info["grad_norm"].append(grad_norm.detach().float())
+                        info["grad_norm"].append(grad_norm.detach().float().cpu())
                         progress.optimizer_steps += 1
                     optimizer.step()
                     lr_scheduler.step()
@@ -371,8 +487,13 @@ def train(config: ConfigDict) -> Path:
             "reward_queries": progress.reward_queries,
             "optimizer_steps": progress.optimizer_steps,
             "lr": lr_scheduler.get_last_lr()[0],
-            **{k: accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in info.items()},
+            **{k: accelerator.reduce(torch.stack(v).mean().to(accelerator.device), "mean").item()
+               for k, v in info.items()},
         }
+        if all_kl:
+            metrics["kl"] = float(np.mean(all_kl))
+        if shape_reward_with_kl:
+            metrics["reward_shaped_mean"] = float(shaped.mean())
         metrics["seconds"] = time.time() - start
         if is_main:
             _write_metrics(metrics_path, metrics)
@@ -381,9 +502,10 @@ def train(config: ConfigDict) -> Path:
             last_checkpoint = save_checkpoint(accelerator, run_dir, progress, config.num_checkpoint_limit)
 
     if config.grid.num_prompts > 0:
-        _sample_grid(policy, grid_prompts, config, run_dir / "grid_last.png", is_main)
+        policy.save_samples(grid_prompts, grid_seeds, run_dir / "grid_last" if is_main else None)
     if is_main:
-        save_learning_curve(metrics_path, run_dir / "learning_curve.png", title=run_dir.name)
+        save_learning_curve(metrics_path, run_dir / "learning_curve.png", title=run_dir.name,
+                            eval_path=eval_path if eval_path.exists() else None)
     accelerator.end_training()
     accelerator.print(f"run folder: {run_dir}")
     return run_dir

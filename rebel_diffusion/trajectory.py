@@ -24,9 +24,13 @@ class Trajectory:
         actions: `(B, T, *action_shape)` the action taken at each step (LCM: the next latent x_{t-1}).
         log_probs: `(B, T)` log pi(action | state) under the sampling policy, float32.
         mask: `(B, T)` bool, True where a step is real (False on padding of variable-length sequences).
-        outputs: `(B, ...)` the final output (LCM: images `(B, 3, H, W)` in [0, 1]); None once dropped after scoring.
-        conditioning: `(B, ...)` what the policy conditions on besides the state (LCM: prompt embeddings).
+        outputs: the final outputs (LCM: images `(B, 3, H, W)` in [0, 1]; text: a list of B strings); None once dropped
+            after scoring.
+        conditioning: `(B, ...)` what the policy conditions on besides the state (LCM: prompt embeddings; text: the
+            prompt's attention mask).
         rewards: `(B,)` the reward of each output, once scored.
+        kl: `(B, T)` per-step KL of the sampling policy to the reference, when sampled `with_kl`.
+        truncated: `(B,)` bool, True where the length limit cut the output (a response without EOS); None for images.
     """
 
     prompts: list[str]
@@ -34,9 +38,11 @@ class Trajectory:
     actions: torch.Tensor
     log_probs: torch.Tensor
     mask: torch.Tensor
-    outputs: torch.Tensor | None
+    outputs: torch.Tensor | list[str] | None
     conditioning: torch.Tensor
     rewards: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    truncated: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -55,8 +61,8 @@ class Trajectory:
         fields = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "prompts":
-                fields["prompts"] = [value[i] for i in positions]
+            if isinstance(value, list):
+                fields[field.name] = [value[i] for i in positions]
             elif value is not None:
                 fields[field.name] = value[positions]
             else:
@@ -65,15 +71,30 @@ class Trajectory:
 
     @staticmethod
     def cat(trajectories: list[Trajectory]) -> Trajectory:
-        """Concatenate along the batch dimension."""
-        fields = {"prompts": [p for t in trajectories for p in t.prompts]}
+        """Concatenate along the batch dimension.
+
+        Variable-length fields (a text policy's prompt and response tokens) are right-padded with zeros to the longest:
+        padded steps get `mask` False and padded prompt positions an attention mask of 0, so nothing reads them.
+        """
+        fields = {}
         for field in dataclasses.fields(Trajectory):
-            if field.name == "prompts":
-                continue
             values = [getattr(t, field.name) for t in trajectories]
-            fields[field.name] = None if any(v is None for v in values) else torch.cat(values)
+            if any(v is None for v in values):
+                fields[field.name] = None
+            elif isinstance(values[0], list):
+                fields[field.name] = [item for v in values for item in v]
+            else:
+                fields[field.name] = torch.cat(_pad_to_longest(values))
         return Trajectory(**fields)
 
     def masked_sum(self, per_step: torch.Tensor) -> torch.Tensor:
         """Sum a `(B, T)` per-step quantity over the real steps -> `(B,)`."""
         return (per_step * self.mask).sum(dim=1)
+
+
+def _pad_to_longest(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Right-pad `(B_i, L_i, ...)` tensors along dim 1 with zeros to the largest L_i (no copy when all agree)."""
+    if values[0].dim() < 2 or len({v.shape[1] for v in values}) == 1:
+        return values
+    length = max(v.shape[1] for v in values)
+    return [torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, length - v.shape[1])) for v in values]

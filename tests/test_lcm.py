@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline
 
-from rebel_diffusion.policies.lcm import LORA_TARGETS, LCMPolicy, gaussian_log_prob
+from rebel_diffusion.policies.lcm import LORA_TARGETS, LCMPolicy, gaussian_kl, gaussian_log_prob, lcm_step
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
 
@@ -50,10 +50,11 @@ def test_recomputed_log_probs_equal_stored(tiny_lcm_path, reduction):
     policy = LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32, logprob_reduction=reduction)
     perturb_lora(policy)
     trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(1))
-    for step in range(trajectory.num_steps):
-        recomputed = policy.log_prob(trajectory, step)
-        assert recomputed.requires_grad
-        torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, step], atol=1e-5, rtol=0)
+    for steps in policy.step_chunks():
+        recomputed, kl = policy.log_prob(trajectory, steps)
+        assert recomputed.requires_grad and kl is None and recomputed.shape == (len(PROMPTS), 1)
+        torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, steps.start : steps.stop], atol=1e-5,
+                                   rtol=0)
 
 
 def test_sum_reduction_is_the_exact_gaussian_density():
@@ -66,7 +67,7 @@ def test_sum_reduction_is_the_exact_gaussian_density():
 
 def test_log_prob_gradient_reaches_only_lora_weights(policy):
     trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(0))
-    policy.log_prob(trajectory, 3).sum().backward()
+    policy.log_prob(trajectory, range(3, 4))[0].sum().backward()
     trainable = dict((n, p) for n, p in policy.pipeline.unet.named_parameters() if p.requires_grad)
     assert trainable and all("lora" in n for n in trainable)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
@@ -177,3 +178,39 @@ def test_lora_on_the_full_size_dreamshaper_unet_shapes():
     expected = sum(8 * (m.in_features + m.out_features) for m in adapted)
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     assert trainable == expected == 1_594_368  # 6.4 MB of fp32 LoRA weights against an 861M-parameter UNet
+
+
+def test_gaussian_kl_is_the_closed_form_of_two_gaussians_with_one_std():
+    torch.manual_seed(0)
+    mean, mean_ref, std = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor(0.7)
+    exact = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                              torch.distributions.Normal(mean_ref, std)).flatten(1)
+    torch.testing.assert_close(gaussian_kl(mean, mean_ref, std, "sum"), exact.sum(1))
+    torch.testing.assert_close(gaussian_kl(mean, mean_ref, std, "mean"), exact.mean(1))
+
+
+def test_kl_to_the_base_model_equals_a_separate_base_copy(tiny_lcm_path):
+    policy = LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32)
+    perturb_lora(policy)
+    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(2), with_kl=True)
+    base = LatentConsistencyModelPipeline.from_pretrained(tiny_lcm_path)
+    base.scheduler.set_timesteps(policy.num_steps)
+    expected = []
+    with torch.no_grad():
+        for step in range(policy.num_actions):
+            state, t = trajectory.states[:, step], policy.timesteps[step]
+            w = policy.w_embedding.expand(len(state), -1)
+            out = policy.pipeline.unet(state, t, timestep_cond=w, encoder_hidden_states=trajectory.conditioning).sample
+            out_ref = base.unet(state, t, timestep_cond=w, encoder_hidden_states=trajectory.conditioning).sample
+            _, mean, std = lcm_step(out, state, **policy.step_constants[step])
+            _, mean_ref, _ = lcm_step(out_ref, state, **policy.step_constants[step])
+            expected.append(((mean - mean_ref) ** 2 / (2 * std**2)).flatten(1).mean(1))
+    expected = torch.stack(expected, dim=1)
+    assert expected.min() > 0
+    torch.testing.assert_close(trajectory.kl, expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(policy.kl(trajectory), expected, rtol=1e-4, atol=1e-7)
+    log_prob, kl = policy.log_prob(trajectory, range(2, 3), with_kl=True)
+    assert kl.requires_grad
+    torch.testing.assert_close(kl.detach(), expected[:, 2:3], rtol=1e-4, atol=1e-7)
+    # The adapter is back on afterwards: the policy still reproduces its own log-probs.
+    torch.testing.assert_close(log_prob.detach(), trajectory.log_probs[:, 2:3], atol=1e-5, rtol=0)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 import rebel_diffusion.trainer as trainer
 from configs.base import get_config
-from rebel_diffusion.algorithms import rebel_loss
+from rebel_diffusion.algorithms import ALGORITHMS
 from rebel_diffusion.trainer import ConfigError, NonFiniteError, train, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +150,8 @@ def test_non_finite_reward_stops_the_run_naming_epoch_and_prompt(tiny_lcm_path, 
 
 
 def test_non_finite_gradient_stops_before_the_update(tiny_lcm_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "rebel_loss", lambda *args: rebel_loss(*args) * float("nan"))
+    rebel = ALGORITHMS["rebel"]
+    monkeypatch.setitem(ALGORITHMS, "rebel", dataclasses.replace(rebel, pair_loss=lambda *a: rebel.pair_loss(*a) * float("nan")))
     with pytest.raises(NonFiniteError, match=r"epoch 0: gradient norm nan.*none was written yet"):
         train(tiny_config(tiny_lcm_path, tmp_path))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -287,6 +289,7 @@ def test_rebel_and_ppo_keep_their_pinned_numbers(algorithm, tmp_path, monkeypatc
     assert [m["epoch"] for m in metrics] == [0, 1]
     for got, want in zip(metrics, pinned["metrics"]):
         for key, value in want.items():
-            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-9), (got["epoch"], key)
+            # PPO's first loss is a near-cancelling sum of O(1) terms (z-scored advantages): fp32 rounding is absolute.
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6 if key == "loss" else 1e-9), (got["epoch"], key)
     lora = load_file(run_dir / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors")
     assert sum(v.double().abs().sum().item() for v in lora.values()) == pytest.approx(pinned["lora_abs_sum"], rel=1e-5)

@@ -42,3 +42,24 @@ def test_masked_sum_ignores_padding():
     t.mask[1, 2] = False  # a shorter second sequence, as a text policy would have
     sums = t.masked_sum(t.log_probs)
     assert sums.tolist() == [0 + 1 + 2, 3 + 4]
+
+
+def test_list_outputs_are_indexed_and_concatenated_like_tensors():
+    a, b = make(2), make(1)
+    a.outputs, b.outputs = ["x", "y"], ["z"]
+    assert a[[1, 0]].outputs == ["y", "x"]
+    assert Trajectory.cat([a, b]).outputs == ["x", "y", "z"]
+
+
+def test_cat_right_pads_variable_length_fields_and_masks_them_out():
+    a = Trajectory(prompts=["p"], states=torch.tensor([[5, 6]]), actions=torch.tensor([[1, 2, 3]]),
+                   log_probs=torch.tensor([[-1.0, -2.0, -3.0]]), mask=torch.tensor([[True, True, True]]),
+                   outputs=["abc"], conditioning=torch.tensor([[1, 1]]))
+    b = Trajectory(prompts=["q"], states=torch.tensor([[7, 8, 9]]), actions=torch.tensor([[4]]),
+                   log_probs=torch.tensor([[-4.0]]), mask=torch.tensor([[True]]), outputs=["d"],
+                   conditioning=torch.tensor([[1, 1, 1]]))
+    c = Trajectory.cat([a, b])
+    assert c.actions.tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert c.mask.tolist() == [[True, True, True], [True, False, False]]
+    assert c.states.tolist() == [[5, 6, 0], [7, 8, 9]] and c.conditioning.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert c.masked_sum(c.log_probs).tolist() == [-6.0, -4.0]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ml_collections import ConfigDict
+
+from rebel_diffusion.algorithms.base import Algorithm, require_positive
+from rebel_diffusion.algorithms.stat_tracker import PerPromptStatTracker
 
 
 def rebel_loss(
@@ -42,3 +46,25 @@ def regression_targets(rewards: np.ndarray, advantages: np.ndarray, target: str)
     if target == "rewards":
         return rewards
     raise ValueError(f"unknown REBEL target {target!r}; choose 'advantages', 'batch_zscore' or 'rewards'")
+
+
+def _targets(rewards: np.ndarray, prompts: list[str], tracker: PerPromptStatTracker, config: ConfigDict) -> np.ndarray:
+    flat_rewards, flat_prompts = rewards.reshape(-1), [p for p in prompts for _ in range(rewards.shape[1])]
+    advantages = tracker.update(flat_prompts, flat_rewards)
+    return regression_targets(flat_rewards, advantages, config.rebel.target).reshape(rewards.shape)
+
+
+def _pair_loss(log_ratio_a: torch.Tensor, log_ratio_b: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor,
+               config: ConfigDict) -> torch.Tensor:
+    return rebel_loss(log_ratio_a, log_ratio_b, target_a, target_b, config.rebel.eta)
+
+
+def _check(config: ConfigDict) -> None:
+    require_positive(config, "rebel.eta", strict=True)
+    if config.rebel.target not in ("advantages", "batch_zscore", "rewards"):
+        raise ValueError(f"rebel.target must be 'advantages', 'batch_zscore' or 'rewards', got {config.rebel.target!r}")
+
+
+ALGORITHM = Algorithm(
+    name="rebel", group_size=lambda config: 2, targets=_targets, kl_in_reward=True, pair_loss=_pair_loss, check=_check,
+)

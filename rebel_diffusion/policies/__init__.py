@@ -1,5 +1,89 @@
-"""Policies: what acts. Each samples `Trajectory` batches and re-scores their steps under its current weights."""
+"""Policies: what acts. Each samples `Trajectory` batches and re-scores their steps under its current weights.
 
-from rebel_diffusion.policies.lcm import LCMPolicy
+The trainer drives any policy through the `Policy` protocol below and knows none by name; `config.policy` picks one
+from `POLICIES`. Adding a policy means one file here that implements the protocol, plus its entry in `POLICIES`.
+"""
 
-__all__ = ["LCMPolicy"]
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from ml_collections import ConfigDict
+
+from rebel_diffusion.trajectory import Trajectory
+
+
+class Policy(Protocol):
+    """A stochastic policy over T steps with a trainable adapter and a reference (the adapter disabled).
+
+    Attributes:
+        kind: "image" or "text": which rewards fit its outputs.
+        model: the `torch.nn.Module` whose trainable parameters learn; the trainer may replace it by accelerate's
+            prepared (wrapped) module, and the policy must call its network through this attribute.
+        num_actions: T, the most steps a trajectory has.
+    """
+
+    kind: str
+    model: torch.nn.Module
+    num_actions: int
+
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None, with_kl: bool = False) -> Trajectory:
+        """Sample one trajectory per prompt under `no_grad`; `with_kl` also fills `trajectory.kl` `(B, T)`."""
+        ...
+
+    def step_chunks(self) -> list[range]:
+        """The steps evaluated together in one graph: `[range(0, 1), ..., range(T-1, T)]` for the LCM chain (one UNet
+        graph alive at a time), `[range(0, T)]` for a token policy (all steps in one forward)."""
+        ...
+
+    def log_prob(self, trajectory: Trajectory, steps: range, with_kl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`log pi_theta(a_t|s_t)` `(B, len(steps))` under the current weights, with grad; with `with_kl` also the
+        per-step KL to the reference `(B, len(steps))`, with grad through the policy side only."""
+        ...
+
+    def kl(self, trajectory: Trajectory) -> torch.Tensor:
+        """Per-step KL of the current policy to the reference on the trajectory's states `(B, T)`, without grad."""
+        ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates."""
+        ...
+
+    def save_lora(self, directory: str | Path) -> None:
+        """Write the trained weights in the format users load them with (diffusers/peft)."""
+        ...
+
+    def load_lora(self, directory: str | Path) -> None:
+        """Load weights written by `save_lora`; raise `ValueError` when they do not fit."""
+        ...
+
+    def save_samples(self, prompts: list[str], seeds: list[int], path: Path | None) -> None:
+        """Write samples of fixed prompts and seeds (a PNG grid, or JSONL for text) to `path` without a suffix; with
+        `path` None, sample the same without writing (every process makes the same calls, one writes)."""
+        ...
+
+
+# config.policy -> "module:class"; each class has `from_config(config, device, dtype) -> Policy`.
+POLICIES = {
+    "lcm": "rebel_diffusion.policies.lcm:LCMPolicy",
+    "causal_lm": "rebel_diffusion.policies.causal_lm:CausalLMPolicy",
+}
+
+
+def policy_class(name: str) -> type:
+    """The class registered as `name` in `POLICIES`."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    module, cls = POLICIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_policy(config: ConfigDict, device: torch.device, dtype: torch.dtype) -> Policy:
+    """Build the policy named by `config.policy` from the config."""
+    return policy_class(config.policy).from_config(config, device=device, dtype=dtype)
+
+
+__all__ = ["POLICIES", "Policy", "make_policy", "policy_class"]

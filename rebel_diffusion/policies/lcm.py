@@ -11,7 +11,9 @@ image. The policy is a LoRA adapter on the UNet; VAE, text encoder and base UNet
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,9 +21,11 @@ from diffusers import LatentConsistencyModelPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
+from ml_collections import ConfigDict
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from rebel_diffusion.plots import save_image_grid
 from rebel_diffusion.trajectory import Trajectory
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -74,8 +78,30 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, re
     return log_prob.mean(dim=1) if reduction == "mean" else log_prob.sum(dim=1)
 
 
+def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
+    """KL(N(mean, std^2 I) || N(mean_ref, std^2 I)) per sample `(B,)`: `(mean - mean_ref)^2 / (2 std^2)` reduced over
+    the latent dims like `gaussian_log_prob` ("mean" or "sum"), so that it sits on the log-probs' scale."""
+    kl = ((mean - mean_ref) ** 2 / (2 * std**2)).flatten(1)
+    return kl.mean(dim=1) if reduction == "mean" else kl.sum(dim=1)
+
+
+@contextlib.contextmanager
+def _adapters_disabled(unet: torch.nn.Module, disabled: bool) -> Iterator[None]:
+    """Run the base UNet (LoRA off) inside the block when `disabled`; the adapter is back on afterwards, even on error."""
+    if not disabled:
+        yield
+        return
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
 class LCMPolicy:
     """A LoRA-adapted `LatentConsistencyModelPipeline` that samples trajectories and re-scores their steps.
+
+    Implements `rebel_diffusion.policies.Policy`; the reference policy is the same UNet with the adapter disabled.
 
     Args:
         pipeline: any diffusers `LatentConsistencyModelPipeline` (its scheduler must be an `LCMScheduler`).
@@ -86,6 +112,8 @@ class LCMPolicy:
         lora_rank, lora_alpha, lora_init, lora_targets: the peft LoRA adapter on the UNet's attention projections.
         device: where the pipeline runs; dtype: the dtype of the frozen weights (LoRA weights stay float32).
     """
+
+    kind = "image"
 
     def __init__(
         self,
@@ -130,8 +158,8 @@ class LCMPolicy:
             LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets))
         )
         cast_training_params(pipeline.unet, dtype=torch.float32)
-        # The trainer may swap in a DistributedDataParallel wrapper; everything calls the UNet through this attribute.
-        self.unet = pipeline.unet
+        # The trainer may swap in a DistributedDataParallel wrapper; every trained call goes through this attribute.
+        self.model = pipeline.unet
 
         scheduler.set_timesteps(num_steps, device="cpu")
         self.timesteps = scheduler.timesteps.clone()
@@ -179,6 +207,18 @@ class LCMPolicy:
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline, device=device, dtype=dtype, **options)
 
+    @classmethod
+    def from_config(cls, config: ConfigDict, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> LCMPolicy:
+        """The policy a training config describes (`model.*`, `lora.*`, `resolution`)."""
+        targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()) or LORA_TARGETS
+        return cls.from_pretrained(
+            config.model.pretrained, device=device, dtype=dtype, num_steps=config.model.num_steps,
+            guidance_scale=config.model.guidance_scale, resolution=config.resolution,
+            logprob_reduction=config.model.logprob_reduction, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
+            lora_init=config.lora.init, lora_targets=targets,
+        )
+
     @property
     def num_actions(self) -> int:
         """T: the stochastic steps, each with a log-probability."""
@@ -200,34 +240,48 @@ class LCMPolicy:
                 self._prompt_cache[prompt] = self.pipeline.encode_prompt([prompt], self.device, 1, False)[0][0]
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
-    def _denoise(self, latents: torch.Tensor, step: int, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """UNet call plus `lcm_step` at chain index `step` -> (denoised, mean, std), float32."""
+    def step_chunks(self) -> list[range]:
+        """One chain step per graph: the trainer holds a single UNet graph at a time."""
+        return [range(step, step + 1) for step in range(self.num_actions)]
+
+    def _denoise(
+        self, latents: torch.Tensor, step: int, prompt_embeds: torch.Tensor, reference: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """UNet call plus `lcm_step` at chain index `step` -> (denoised, mean, std), float32.
+
+        `reference` runs the base UNet (adapter disabled) without grad, for the KL to the base model.
+        """
         t = self.timesteps[step]
         w_embedding = self.w_embedding.expand(len(latents), -1)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            model_output = self.unet(
+        unet = self.pipeline.unet if reference else self.model
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32), \
+                _adapters_disabled(unet, reference), torch.set_grad_enabled(torch.is_grad_enabled() and not reference):
+            model_output = unet(
                 latents.to(self.dtype), t, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds, return_dict=False
             )[0]
         return lcm_step(model_output.float(), latents.float(), **self.step_constants[step], prediction_type=self.prediction_type,
                         clip_sample_range=self.clip_sample_range)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator | None = None, progress: bool = False) -> Trajectory:
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None, with_kl: bool = False,
+               progress: bool = False) -> Trajectory:
         """Run the chain for `prompts` and record it.
 
         Initial latents and per-step noise are drawn in the pipeline's order from `generator`, so the images equal
         `pipeline(prompts, num_inference_steps, guidance_scale, generator=generator, output_type="pt").images`.
+        `with_kl` also runs the base UNet at every stochastic step for the per-step KL to the reference.
 
         Returns:
             A `Trajectory` with `states`/`actions` `(B, T, C, h, w)`, `log_probs` `(B, T)` (T = num_steps - 1),
-            `outputs` the images `(B, 3, H, W)` in [0, 1] and `conditioning` the prompt embeddings.
+            `outputs` the images `(B, 3, H, W)` in [0, 1], `conditioning` the prompt embeddings and, with `with_kl`,
+            `kl` `(B, T)`.
         """
         prompt_embeds = self.encode_prompts(prompts)
         side = self.resolution // self.pipeline.vae_scale_factor
         shape = (len(prompts), self.pipeline.unet.config.in_channels, side, side)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         latents = latents * self.pipeline.scheduler.init_noise_sigma
-        chain, log_probs = [latents], []
+        chain, log_probs, kls = [latents], [], []
         for step in tqdm(range(self.num_steps), desc="chain", leave=False, disable=not progress):
             denoised, mean, std = self._denoise(chain[-1], step, prompt_embeds)
             if step == self.num_steps - 1:
@@ -235,6 +289,9 @@ class LCMPolicy:
             noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
             next_latents = mean + std * noise
             log_probs.append(gaussian_log_prob(next_latents, mean, std, self.logprob_reduction))
+            if with_kl:
+                _, mean_ref, _ = self._denoise(chain[-1], step, prompt_embeds, reference=True)
+                kls.append(gaussian_kl(mean, mean_ref, std, self.logprob_reduction))
             chain.append(next_latents)
         image = self.vae.decode(denoised.to(self.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
         images = self.pipeline.image_processor.postprocess(image, output_type="pt").float()
@@ -248,12 +305,38 @@ class LCMPolicy:
             mask=torch.ones_like(log_probs, dtype=torch.bool),
             outputs=images,
             conditioning=prompt_embeds,
+            kl=torch.stack(kls, dim=1) if with_kl else None,
         )
 
-    def log_prob(self, trajectory: Trajectory, step: int) -> torch.Tensor:
-        """log pi_theta(action_step | state_step) `(B,)` under the current weights, with grad."""
-        _, mean, std = self._denoise(trajectory.states[:, step], step, trajectory.conditioning)
-        return gaussian_log_prob(trajectory.actions[:, step].float(), mean, std, self.logprob_reduction)
+    def log_prob(
+        self, trajectory: Trajectory, steps: range, with_kl: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi_theta(a_t | s_t) `(B, len(steps))` under the current weights, with grad; with `with_kl` also the
+        per-step `gaussian_kl` to the base UNet `(B, len(steps))` (grad through the adapted side only)."""
+        log_probs, kls = [], []
+        for step in steps:
+            state, conditioning = trajectory.states[:, step], trajectory.conditioning
+            _, mean, std = self._denoise(state, step, conditioning)
+            log_probs.append(gaussian_log_prob(trajectory.actions[:, step].float(), mean, std, self.logprob_reduction))
+            if with_kl:
+                _, mean_ref, _ = self._denoise(state, step, conditioning, reference=True)
+                kls.append(gaussian_kl(mean, mean_ref, std, self.logprob_reduction))
+        return torch.stack(log_probs, dim=1), torch.stack(kls, dim=1) if with_kl else None
+
+    @torch.no_grad()
+    def kl(self, trajectory: Trajectory) -> torch.Tensor:
+        """Per-step KL of the current policy to the base UNet on the trajectory's states `(B, T)`."""
+        return self.log_prob(trajectory, range(self.num_actions), with_kl=True)[1]
+
+    @torch.no_grad()
+    def save_samples(self, prompts: list[str], seeds: list[int], path: Path | None) -> None:
+        """A PNG grid at `path`.png: rows = prompts, columns = seeds (each column one `torch.Generator` seed).
+
+        With `path` None it samples without writing: every process runs the same calls, one of them saves.
+        """
+        columns = [self.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs for seed in seeds]
+        if path is not None:
+            save_image_grid(torch.stack(columns, dim=1), prompts, Path(path).with_suffix(".png"))
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA weights in diffusers' format, ready for `save_lora_weights`."""

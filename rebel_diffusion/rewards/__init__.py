@@ -22,16 +22,26 @@ class RewardSetupError(RuntimeError):
 RewardFactory = Callable[..., RewardFn]
 
 _FACTORIES: dict[str, RewardFactory] = {}
+_KINDS: dict[str, str] = {}
 
 
-def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator registering `factory(device=None, dtype=None, **options) -> reward_fn` under `name`."""
+def register_reward(name: str, kind: str = "image") -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator registering `factory(device=None, dtype=None, **options) -> reward_fn` under `name`.
+
+    `kind` is what the reward scores: "image" (`(B, 3, H, W)` tensors), "text" (lists of strings) or "any".
+    """
 
     def wrap(factory: RewardFactory) -> RewardFactory:
         _FACTORIES[name] = factory
+        _KINDS[name] = kind
         return factory
 
     return wrap
+
+
+def reward_kind(name: str) -> str:
+    """What a registered reward scores ("image", "text" or "any"); a `module:function` path is "any"."""
+    return _KINDS.get(name, "any")
 
 
 def available_rewards() -> list[str]:
@@ -67,8 +77,24 @@ def make_reward_fn(
         accepted = inspect.signature(factory).parameters
         return factory(device=device, dtype=dtype, **{k: v for k, v in options.items() if k in accepted})
     module_name, fn_name = name.split(":", 1)
-    return getattr(importlib.import_module(module_name), fn_name)
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    return _wrap_trl_signature(fn) if _has_trl_signature(fn) else fn
+
+
+def _has_trl_signature(fn: Callable) -> bool:
+    """Whether `fn` is a TRL-style reward: `fn(prompts=..., completions=..., **kwargs) -> list[float]`."""
+    parameters = inspect.signature(fn).parameters
+    return "prompts" in parameters and "completions" in parameters
+
+
+def _wrap_trl_signature(fn: Callable) -> RewardFn:
+    """Adapt a TRL-style reward to `reward_fn(outputs, prompts) -> (B,)` float32."""
+
+    def reward_fn(outputs: list[str], prompts: list[str]) -> torch.Tensor:
+        return torch.as_tensor(fn(prompts=list(prompts), completions=list(outputs)), dtype=torch.float32)
+
+    return reward_fn
 
 
 # Importing the modules registers their rewards.
-from rebel_diffusion.rewards import aesthetic, jpeg  # noqa: E402,F401
+from rebel_diffusion.rewards import aesthetic, jpeg, shape_fidelity  # noqa: E402,F401
