@@ -27,6 +27,12 @@ def get_config() -> ConfigDict:
     config.model.num_steps = 8
     config.model.guidance_scale = 8.0  # through the UNet's w-embedding
     config.model.logprob_reduction = "mean"  # "mean" over latent dims (RLCM/DDPO scale) or "sum" (exact density)
+    # causal_lm only: sampling of responses with transformers' generate
+    config.model.max_new_tokens = 53
+    config.model.temperature = 0.7
+    config.model.top_k = 0  # 0 = off
+    config.model.top_p = 1.0  # 1.0 = off
+    config.model.chat_template = True  # format prompts as a user turn when the tokenizer has a chat template
 
     config.lora = ConfigDict()
     config.lora.rank = 8

@@ -16,6 +16,7 @@ here:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -244,3 +245,28 @@ def classify_shape(image: np.ndarray | torch.Tensor) -> str | None:
     scores = shape_scores(image)
     best = max(scores, key=scores.__getitem__)
     return best if scores[best] > 0 else None
+
+
+@functools.lru_cache(maxsize=4096)
+def shape_template(shape: str, height: int, width: int) -> np.ndarray:
+    """Read-only boolean (height, width) mask of `shape` filling the whole box, exactly as `shape_scores` draws it.
+
+    Cached because a batch of blobs keeps asking for the same few box sizes; read-only so that the cache stays valid.
+    """
+    template = shape_coverage(shape, height, width, width / 2, height / 2, height, width) >= 0.5
+    template.setflags(write=False)
+    return template
+
+
+def blob_shape_scores(blob: np.ndarray) -> dict[str, float]:
+    """`shape_scores` for an already computed blob mask: IoU of the blob, cropped to its bounding box, with each
+    shape's template (0 for an empty blob)."""
+    if not blob.any():
+        return {shape: 0.0 for shape in SHAPES}
+    rows, cols = np.nonzero(blob)
+    crop = blob[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scores = {}
+    for shape in SHAPES:
+        template = shape_template(shape, *crop.shape)
+        scores[shape] = float(np.logical_and(crop, template).sum() / np.logical_or(crop, template).sum())
+    return scores

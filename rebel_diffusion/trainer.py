@@ -29,6 +29,7 @@ from diffusers.optimization import get_scheduler
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
+from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
 from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
@@ -62,15 +63,12 @@ class TrainingProgress:
         vars(self).update(state)
 
 
-def read_prompts(path: str | Path, key: str = "prompt_file") -> list[str]:
-    """Non-empty lines of a prompt file; `key` names the config key in errors."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{key} {str(path)!r} does not exist")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"{key} {str(path)!r} holds no prompts")
-    return prompts
+def read_prompts(source: str | Path, key: str = "prompt_file") -> list[str]:
+    """The prompts of a text file, a JSONL file or a dataset (`rebel_diffusion.prompts`), or a `ConfigError`."""
+    try:
+        return read_prompt_source(source, key)
+    except PromptSourceError as e:
+        raise ConfigError(str(e)) from None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -366,6 +364,10 @@ def train(config: ConfigDict) -> Path:
         policy = make_policy(config, accelerator.device, dtype)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.pretrained: {e}") from None
+    try:
+        policy.check_prompts(prompt_pool)
+    except ValueError as e:
+        raise ConfigError(f"prompt_file: {e}") from None
     k = algorithm.group_size(config)
 
     groups_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
@@ -404,7 +406,6 @@ def train(config: ConfigDict) -> Path:
 
     for epoch in range(progress.epoch, config.num_epochs + 1):
         if eval_prompts and (epoch % config.eval.every == 0 or epoch == config.num_epochs):
-            policy.model.eval()
             eval_metrics = {"epoch": epoch, **evaluate(policy, eval_prompts, eval_seeds, eval_reward_fns)}
             if is_main:
                 _write_metrics(eval_path, eval_metrics)
@@ -413,12 +414,12 @@ def train(config: ConfigDict) -> Path:
             break
         start = time.time()
 
-        # Sampling: k trajectories per prompt, stored group-major (sample j of group g at g * k + j).
-        policy.model.eval()
+        # Sampling: k trajectories per prompt, stored group-major (sample j of group g at g * k + j). The networks stay
+        # in eval mode throughout: dropout would make an unchanged policy's ratio differ from 1.
         batches = []
         for _ in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling", disable=not is_main):
-            prompts = random.choices(prompt_pool, k=config.sample.batch_size)
-            trajectory = policy.sample(prompts * k, with_kl=shape_reward_with_kl)
+            batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
+            trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
             trajectory.rewards = torch.as_tensor(reward_fn(trajectory.outputs, trajectory.prompts),
                                                  dtype=torch.float32).to(accelerator.device)
             if trajectory.truncated is not None and config.reward.missing_eos_penalty is not None:
@@ -449,7 +450,6 @@ def train(config: ConfigDict) -> Path:
         progress.reward_queries += all_rewards.size
 
         # Training: shuffled micro-batches of whole groups.
-        policy.model.train()
         info = defaultdict(list)
         num_groups = len(samples) // k
         for inner_epoch in range(config.train.num_inner_epochs):

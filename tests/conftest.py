@@ -52,3 +52,59 @@ def tiny_lcm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny-lcm")
     build_tiny_pipeline(root / "tokenizer-src").save_pretrained(root / "pipeline")
     return root / "pipeline"
+
+
+# ---- Tiny causal LMs for the text policy and text rewards ----
+
+TEXT_CHARS = list("abcdefgh 0123456789+=")
+TEXT_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def build_char_tokenizer(pad: bool = True, chat_template: str | None = None):
+    """A character-level `PreTrainedTokenizerFast` (BOS prepended; no pad token when `pad` is False)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(TEXT_SPECIALS + TEXT_CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        pad_token="<pad>" if pad else None,
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tiny_causal_lm(arch: str, tokenizer, seed: int = 0):
+    """A random 2-layer GPT-2 or Llama causal LM over `tokenizer`'s vocabulary, without dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        return GPT2LMHeadModel(config)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, **ids)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_causal_lm(directory: Path, arch: str, pad: bool = True, chat_template: str | None = None) -> Path:
+    """Build a tiny random causal LM plus tokenizer and `save_pretrained` both into `directory`."""
+    tokenizer = build_char_tokenizer(pad=pad, chat_template=chat_template)
+    build_tiny_causal_lm(arch, tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny_causal_lm_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GPT-2 or Llama causal LM folder with its tokenizer, as `save_pretrained` writes them."""
+    return save_tiny_causal_lm(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)

@@ -48,6 +48,10 @@ class Policy(Protocol):
         """Per-step KL of the current policy to the reference on the trajectory's states `(B, T)`, without grad."""
         ...
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise `ValueError` (one line) for a prompt the policy cannot take, before any compute is spent."""
+        ...
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer updates."""
         ...

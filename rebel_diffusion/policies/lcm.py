@@ -224,6 +224,9 @@ class LCMPolicy:
         """T: the stochastic steps, each with a log-probability."""
         return self.num_steps - 1
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Any text is a valid prompt: the CLIP tokenizer truncates at its context length, as the pipeline does."""
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The LoRA weights."""
         return [p for p in self.pipeline.unet.parameters() if p.requires_grad]

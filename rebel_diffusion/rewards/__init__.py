@@ -97,4 +97,4 @@ def _wrap_trl_signature(fn: Callable) -> RewardFn:
 
 
 # Importing the modules registers their rewards.
-from rebel_diffusion.rewards import aesthetic, jpeg, shape_fidelity  # noqa: E402,F401
+from rebel_diffusion.rewards import aesthetic, jpeg, shape_fidelity, text  # noqa: E402,F401
