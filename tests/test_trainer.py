@@ -187,8 +187,9 @@ def test_empty_prompt_file_and_existing_run_folder(tiny_lcm_path, tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"epoch": 0}\n'  # nothing the user made is lost
 
 
-def test_two_processes_end_with_identical_lora_weights(tiny_lcm_path, tmp_path):
-    # Each rank dumps its own LoRA weights after training; DDP must have kept them in sync.
+def test_two_processes_end_with_identical_lora_weights_for_a_group_algorithm(tiny_lcm_path, tmp_path):
+    # Each rank dumps its own LoRA weights after training; DDP must have kept them in sync. GRPO: groups of 2 samples,
+    # a step loss whose non-final backward passes skip DDP's all-reduce.
     script = tmp_path / "two_ranks.py"
     script.write_text(textwrap.dedent(f"""
         import sys, torch
@@ -204,7 +205,8 @@ def test_two_processes_end_with_identical_lora_weights(tiny_lcm_path, tmp_path):
             torch.save(weights, run_dir / f"rank{{accelerator.process_index}}.pt")
             return original(accelerator, run_dir, progress, keep)
         trainer.save_checkpoint = save_and_dump
-        trainer.train(tiny_config({str(tiny_lcm_path)!r}, {str(tmp_path)!r}, num_epochs=1))
+        trainer.train(tiny_config({str(tiny_lcm_path)!r}, {str(tmp_path)!r}, num_epochs=1, algorithm="grpo",
+                                  **{{"grpo.k": 2, "grpo.clip_range": 0.1}}))
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -219,6 +221,46 @@ def test_two_processes_end_with_identical_lora_weights(tiny_lcm_path, tmp_path):
     assert any(rank0[k].abs().sum() > 0 for k in rank0 if "lora_B" in k), "no update happened"
     metrics = read_metrics(tmp_path / "run")
     assert metrics[0]["reward_queries"] == 2 * 2 * 2 * 2  # two processes, each 2 batches x 2 prompts x 2 samples
+
+
+def test_two_process_pair_gradients_equal_one_process_on_the_concatenated_batch(tiny_lcm_path, tmp_path):
+    # DDP averages gradients at the sync backward; REBEL's per-pair scale must be in before it. Each rank takes half of
+    # the same 4 pairs; the averaged gradient must equal one process's gradient on all 4.
+    script = tmp_path / "pair_ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from accelerate import Accelerator
+        import rebel_diffusion.trainer as trainer
+        from configs.base import get_config
+        from rebel_diffusion.algorithms import ALGORITHMS
+        from test_trainer import _policy_and_pairs
+
+        policy, batch, targets = _policy_and_pairs({str(tiny_lcm_path)!r}, 4)
+        accelerator = Accelerator(cpu=True)
+        policy.model = accelerator.prepare(policy.model)
+        rank = accelerator.process_index
+        half = list(range(4 * rank, 4 * rank + 4))
+        with accelerator.accumulate(policy.model):
+            trainer.pair_loss_gradients(accelerator, policy, ALGORITHMS["rebel"], batch[half], targets[half],
+                                        get_config())
+        torch.save([p.grad for p in policy.trainable_parameters()], {str(tmp_path)!r} + f"/grad{{rank}}.pt")
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from accelerate import Accelerator
+
+    policy, batch, targets = _policy_and_pairs(tiny_lcm_path, 4)
+    trainer.pair_loss_gradients(Accelerator(cpu=True), policy, ALGORITHMS["rebel"], batch, targets, get_config())
+    expected = _grads(policy)
+    for rank in (0, 1):
+        _assert_grads_close(torch.load(tmp_path / f"grad{rank}.pt"), expected)
 
 
 def test_aesthetic_reward_runs_end_to_end(tiny_lcm_path, tmp_path):
@@ -293,3 +335,86 @@ def test_rebel_and_ppo_keep_their_pinned_numbers(algorithm, tmp_path, monkeypatc
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6 if key == "loss" else 1e-9), (got["epoch"], key)
     lora = load_file(run_dir / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors")
     assert sum(v.double().abs().sum().item() for v in lora.values()) == pytest.approx(pinned["lora_abs_sum"], rel=1e-5)
+
+
+def _policy_and_pairs(model_path: Path, num_pairs: int):
+    """A tiny-LCM policy whose LoRA moved after sampling (so the log-ratios are not zero), pairs and targets."""
+    from rebel_diffusion.policies.lcm import LCMPolicy
+
+    torch.manual_seed(0)  # peft draws the LoRA init from the global RNG
+    policy = LCMPolicy.from_pretrained(model_path, resolution=32)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    prompts = ["a red circle on a white background", "a blue square on a black background", "a cyan cross"]
+    batch = policy.sample([prompts[i % 3] for i in range(2 * num_pairs)], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return policy, batch, torch.randn(2 * num_pairs, generator=generator)
+
+
+def _grads(policy) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in policy.trainable_parameters()]
+
+
+def _assert_grads_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    # rtol 1e-5 elementwise; elements that are near-cancelling sums get fp32 rounding relative to the tensor's scale.
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
+def _zero_grads(policy) -> None:
+    for p in policy.trainable_parameters():
+        p.grad = None
+
+
+def _full_graph_loss(policy, algorithm, batch, targets, config):
+    """The textbook loss: every step's log-prob in one graph (T UNet graphs alive at once)."""
+    log_prob, kl = policy.log_prob(batch, range(policy.num_actions), with_kl=config.kl_coef > 0)
+    if algorithm.pair_loss is not None:
+        ratio = (log_prob - batch.log_probs).sum(dim=1)
+        return algorithm.pair_loss(ratio[0::2], ratio[1::2], targets[0::2], targets[1::2], config)
+    loss, _ = algorithm.step_loss(log_prob, batch.log_probs, targets, config, 0)
+    if config.kl_coef > 0:
+        loss = loss + config.kl_coef * kl
+    return loss.mean() if algorithm.step_reduction == "mean" else loss.sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("name, num_pairs", [("rebel", 1), ("rebel", 3), ("online_dpo", 2), ("ppo", 2), ("grpo", 2)])
+def test_per_step_gradients_equal_the_full_graph(tiny_lcm_path, name, num_pairs):
+    from accelerate import Accelerator
+
+    algorithm = ALGORITHMS[name]
+    config = get_config()
+    config.kl_coef = 0.0 if algorithm.kl_in_reward else 0.3  # the KL loss term is part of the gradient checked
+    config.ppo.clip_range = config.grpo.clip_range = 0.05
+    config.dpo.beta = 5.0
+    policy, batch, targets = _policy_and_pairs(tiny_lcm_path, num_pairs)
+    _full_graph_loss(policy, algorithm, batch, targets, config).backward()
+    expected = _grads(policy)
+    _zero_grads(policy)
+    accelerator = Accelerator(cpu=True)
+    if algorithm.pair_loss is not None:
+        stats = trainer.pair_loss_gradients(accelerator, policy, algorithm, batch, targets, config)
+    else:
+        stats = trainer.step_loss_gradients(accelerator, policy, algorithm, batch, targets, config, 0)
+    assert torch.isfinite(stats["loss"])
+    assert any(g.abs().sum() > 0 for g in expected)
+    _assert_grads_close(_grads(policy), expected)
+
+
+def test_pair_gradients_add_up_under_gradient_accumulation(tiny_lcm_path):
+    from accelerate import Accelerator
+
+    rebel, config = ALGORITHMS["rebel"], get_config()
+    policy, batch, targets = _policy_and_pairs(tiny_lcm_path, 4)
+    halves = [(batch[list(range(0, 4))], targets[:4]), (batch[list(range(4, 8))], targets[4:])]
+    sum(_full_graph_loss(policy, rebel, b, t, config) / 2 for b, t in halves).backward()
+    expected = _grads(policy)
+    _zero_grads(policy)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    for b, t in halves:  # the second micro-batch's pairs must not rescale the first one's accumulated gradient
+        trainer.pair_loss_gradients(accelerator, policy, rebel, b, t, config)
+    _assert_grads_close(_grads(policy), expected)
