@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
 from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
+from rebel_diffusion.model_card import write_model_card
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.rewards import RewardSetupError, check_reward_name, make_reward_fn, reward_kind
@@ -46,6 +47,10 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """A reward or a gradient came back NaN or infinite; the run stops with its last checkpoint intact."""
+
+
+class RewardError(RuntimeError):
+    """A reward function raised or returned something unusable; the run stops with its last checkpoint intact."""
 
 
 class TrainingProgress:
@@ -178,10 +183,12 @@ def _lora_hooks(accelerator: Accelerator, policy: Policy) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep: int,
+                    config: ConfigDict | None = None, metrics: dict[str, Any] | None = None) -> Path:
     """Write the full training state to `checkpoints/epoch_NNNN` atomically: into a temporary folder, then renamed.
 
-    A crash while writing leaves only the temporary folder behind; earlier checkpoints stay intact.
+    A crash while writing leaves only the temporary folder behind; earlier checkpoints stay intact. With `config`, the
+    folder gets a model card (README.md) so that it uploads to a model hub as a proper page.
     """
     final = run_dir / "checkpoints" / f"epoch_{progress.epoch:04d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -191,6 +198,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if config is not None:
+            write_model_card(tmp, config.to_dict(), metrics)
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(progress.state_dict()))
         if final.exists():
             old = final.with_name(final.name + ".old")
@@ -416,12 +425,19 @@ def train(config: ConfigDict) -> Path:
 
         # Sampling: k trajectories per prompt, stored group-major (sample j of group g at g * k + j). The networks stay
         # in eval mode throughout: dropout would make an unchanged policy's ratio differ from 1.
-        batches = []
+        batches, components = [], defaultdict(list)
         for _ in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling", disable=not is_main):
             batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
             trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
-            trajectory.rewards = torch.as_tensor(reward_fn(trajectory.outputs, trajectory.prompts),
-                                                 dtype=torch.float32).to(accelerator.device)
+            try:
+                trajectory.rewards = reward_fn(trajectory.outputs, trajectory.prompts).float().to(accelerator.device)
+            except Exception as e:  # any failure of user code; reported as one line, the last checkpoint is intact
+                kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RewardError(f"epoch {epoch}: reward {config.reward.name!r} failed on the batch whose first prompt is "
+                                  f"{batch_prompts[0]!r}: {detail}; stopped, {kept}") from e
+            for name, scores in getattr(reward_fn, "last_components", {}).items():
+                components[name].append(scores.float().to(accelerator.device))
             if trajectory.truncated is not None and config.reward.missing_eos_penalty is not None:
                 penalty = torch.tensor(float(config.reward.missing_eos_penalty), device=accelerator.device)
                 trajectory.rewards = torch.where(trajectory.truncated.to(accelerator.device), penalty, trajectory.rewards)
@@ -490,6 +506,9 @@ def train(config: ConfigDict) -> Path:
             **{k: accelerator.reduce(torch.stack(v).mean().to(accelerator.device), "mean").item()
                for k, v in info.items()},
         }
+        if len(components) > 1:
+            for name, scores in components.items():
+                metrics[f"reward_{name}_mean"] = accelerator.gather(torch.cat(scores)).float().mean().item()
         if all_kl:
             metrics["kl"] = float(np.mean(all_kl))
         if shape_reward_with_kl:
@@ -499,7 +518,7 @@ def train(config: ConfigDict) -> Path:
             _write_metrics(metrics_path, metrics)
         accelerator.log(metrics, step=epoch)
         if progress.epoch % config.save_freq == 0 or progress.epoch == config.num_epochs:
-            last_checkpoint = save_checkpoint(accelerator, run_dir, progress, config.num_checkpoint_limit)
+            last_checkpoint = save_checkpoint(accelerator, run_dir, progress, config.num_checkpoint_limit, config, metrics)
 
     if config.grid.num_prompts > 0:
         policy.save_samples(grid_prompts, grid_seeds, run_dir / "grid_last" if is_main else None)

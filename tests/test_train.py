@@ -34,6 +34,10 @@ def test_bad_input_gives_one_line_and_a_non_zero_exit(tmp_path):
         "missing prompt file": (["--config.prompt_file=missing.txt"], "prompt_file 'missing.txt' does not exist"),
         "empty prompt file": ([f"--config.prompt_file={tmp_path / 'empty.txt'}"], "holds no prompts"),
         "missing model": (["--config.model.pretrained=./models/none"], "model.pretrained './models/none' is neither"),
+        "group of one": (["--config.algorithm=grpo", "--config.grpo.k=1"], "grpo.k must be an integer of at least 2"),
+        "image reward on text": (["--config.policy=causal_lm", "--config.model.pretrained=assets/tiny-lm",
+                                  "--config.reward.name=shape_fidelity"],
+                                 "reward 'shape_fidelity' scores image outputs, but policy 'causal_lm' produces text"),
     }
     results = run_all({name: args for name, (args, _) in cases.items()}, tmp_path)
     for name, (_, message) in cases.items():

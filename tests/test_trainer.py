@@ -66,6 +66,8 @@ def test_rebel_run_writes_metrics_checkpoints_and_loadable_lora(tiny_lcm_path, t
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["epoch_0002", "epoch_0003"]  # the limit pruned epoch_0001; no temporary folder left
     last = run_dir / "checkpoints" / "epoch_0003"
+    card = (last / "README.md").read_text()
+    assert card.startswith("---") and "load_lora_weights" in card and "rebel" in card
     lora = load_file(last / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("unet.") for k in lora)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora.up" in k or "lora_B" in k), "LoRA did not train"
@@ -149,6 +151,42 @@ def test_non_finite_reward_stops_the_run_naming_epoch_and_prompt(tiny_lcm_path, 
     assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [0]
 
 
+def test_held_out_eval_weighted_reward_components_and_kl_are_logged(tiny_lcm_path, tmp_path, monkeypatch):
+    (tmp_path / "two_rewards.py").write_text(
+        "def bright(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n"
+        "def red(images, prompts):\n    return images[:, 0].mean(dim=(1, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "heldout.txt").write_text("a green cross\na purple circle\n")
+    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3, algorithm="rloo", kl_coef=0.5, **{
+        "rloo.k": 2, "reward.name": "two_rewards:bright:1.0,two_rewards:red:0.5",
+        "eval.prompt_file": str(tmp_path / "heldout.txt"), "eval.every": 2, "eval.num_seeds": 2,
+        "eval.rewards": "two_rewards:red"})
+    run_dir = train(config)
+    metrics = read_metrics(run_dir)
+    for m in metrics:
+        assert m["reward_mean"] == pytest.approx(m["reward_two_rewards:bright_mean"] + 0.5 * m["reward_two_rewards:red_mean"],
+                                                 rel=1e-5)
+        assert m["kl"] >= 0 and m["reward_shaped_mean"] == pytest.approx(m["reward_mean"] - 0.5 * m["kl"], rel=1e-4, abs=1e-6)
+    assert metrics[0]["reward_queries"] == 2 * 2 * 2  # rloo.k = 2 samples per prompt
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 2, 3]  # before training, every 2 epochs, after the last
+    assert all(0 <= e["eval_two_rewards:red"] <= 1 for e in evals)
+
+
+def test_a_failing_reward_stops_the_run_naming_reward_epoch_and_prompt(tiny_lcm_path, tmp_path, monkeypatch):
+    (tmp_path / "flaky_reward.py").write_text(
+        "calls = 0\ndef reward(images, prompts):\n    global calls\n    calls += 1\n"
+        "    if calls > 2:\n        raise ConnectionError('reward server went away')\n    return images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3, prompt_file=str(tmp_path / "prompts.txt"),
+                         **{"reward.name": "flaky_reward:reward"})
+    with pytest.raises(trainer.RewardError, match=r"epoch 1: reward 'flaky_reward:reward' failed on the batch whose "
+                                                  r"first prompt is 'a cat': reward server went away.*epoch_0001"):
+        train(config)
+    assert (tmp_path / "run" / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").exists()
+
+
 def test_non_finite_gradient_stops_before_the_update(tiny_lcm_path, tmp_path, monkeypatch):
     rebel = ALGORITHMS["rebel"]
     monkeypatch.setitem(ALGORITHMS, "rebel", dataclasses.replace(rebel, pair_loss=lambda *a: rebel.pair_loss(*a) * float("nan")))
@@ -169,6 +207,16 @@ def test_non_finite_gradient_stops_before_the_update(tiny_lcm_path, tmp_path, mo
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"num_checkpoint_limit": 0}, "num_checkpoint_limit must be at least 1"),
         ({"resume_from": "/nonexistent/run"}, "resume_from"),
+        ({"algorithm": "rloo", "rloo.k": 1}, "rloo.k must be an integer of at least 2"),
+        ({"algorithm": "grpo", "grpo.k": 0}, "grpo.k must be an integer of at least 2"),
+        ({"kl_coef": -0.1}, "kl_coef must be non-negative"),
+        ({"algorithm": "online_dpo", "dpo.beta": -1.0}, "dpo.beta must be positive"),
+        ({"rebel.eta": 0.0}, "rebel.eta must be positive"),
+        ({"sample.batch_size": 3, "sample.num_batches_per_epoch": 1, "train.batch_size": 2,
+          "train.gradient_accumulation_steps": 1}, r"must be a multiple of train.batch_size \* train"),
+        ({"reward.name": "addition_exact"}, "reward 'addition_exact' scores text outputs, but policy 'lcm' produces image"),
+        ({"policy": "diffusion"}, "unknown policy 'diffusion'"),
+        ({"eval.prompt_file": "/nonexistent/eval.txt"}, "eval.prompt_file '/nonexistent/eval.txt' does not exist"),
     ],
 )
 def test_bad_config_is_rejected_before_loading_anything(tiny_lcm_path, tmp_path, overrides, message):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable
+import math
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -20,6 +22,8 @@ class RewardSetupError(RuntimeError):
     """A reward could not be built (missing or corrupt weights, no network); its message is one line for the user."""
 
 RewardFactory = Callable[..., RewardFn]
+
+_REAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 _FACTORIES: dict[str, RewardFactory] = {}
 _KINDS: dict[str, str] = {}
@@ -39,18 +43,84 @@ def register_reward(name: str, kind: str = "image") -> Callable[[RewardFactory],
     return wrap
 
 
-def reward_kind(name: str) -> str:
-    """What a registered reward scores ("image", "text" or "any"); a `module:function` path is "any"."""
-    return _KINDS.get(name, "any")
-
-
 def available_rewards() -> list[str]:
     """Names of the registered rewards."""
     return sorted(_FACTORIES)
 
 
-def check_reward_name(name: str) -> None:
-    """Raise `ValueError` with one readable line if `name` is neither registered nor an importable `module:function`."""
+def reward_kind(spec: str) -> str:
+    """What a reward spec scores ("image", "text" or "any"); a `module:function` path is "any".
+
+    For a weighted list, the common kind of its components ("any" components fit either); `ValueError` when the list
+    mixes image and text rewards.
+    """
+    if spec in _FACTORIES or "," not in spec and ":" not in spec:
+        return _KINDS.get(spec, "any")
+    kinds = {_KINDS.get(name, "any") for name, _ in _split_spec(spec)} - {"any"}
+    if len(kinds) > 1:
+        raise ValueError(f"reward {spec!r} mixes image and text rewards; all its components must score the same outputs")
+    return kinds.pop() if kinds else "any"
+
+
+def _parse_weight(text: str, component: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        raise ValueError(f"reward {component!r}: weight {text!r} is not a number") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"reward {component!r}: weight {text!r} is not a finite number")
+    return weight
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_spec(spec: str) -> list[tuple[str, float]]:
+    """Syntax only: `spec` -> [(name, weight)], names not yet checked.
+
+    A component is `name`, `name:weight`, `module:function` or `module:function:weight`. A single colon is read as a
+    weight when the part before it is a registered reward or the part after it is a number (a function name never is);
+    two colons always end in a weight.
+    """
+    components = [c.strip() for c in spec.split(",")]
+    if not spec.strip() or any(not c for c in components):
+        raise ValueError(f"reward spec {spec!r} has an empty component; write 'name' or 'name:weight', comma-separated")
+    parsed = []
+    for component in components:
+        if component in _FACTORIES:
+            parsed.append((component, 1.0))
+            continue
+        head, sep, tail = component.rpartition(":")
+        if sep and (head.count(":") == 1 or head in _FACTORIES or _looks_like_number(tail)):
+            parsed.append((head.strip(), _parse_weight(tail.strip(), component)))
+        else:
+            parsed.append((component, 1.0))
+    return parsed
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """`"aesthetic:1.0,shape_fidelity:0.5"` -> `[("aesthetic", 1.0), ("shape_fidelity", 0.5)]`.
+
+    A component without a weight weighs 1.0. Raises `ValueError` (one line) for an unknown reward, a weight that is not
+    a finite number, a reward listed twice, or a list mixing image and text rewards.
+    """
+    parsed = _split_spec(spec)
+    names = [name for name, _ in parsed]
+    for name in names:
+        _check_single_name(name)
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"reward spec {spec!r} lists {duplicates[0]!r} more than once; give it one weight")
+    reward_kind(spec)
+    return parsed
+
+
+def _check_single_name(name: str) -> None:
     if name in _FACTORIES:
         return
     if ":" not in name:
@@ -64,21 +134,102 @@ def check_reward_name(name: str) -> None:
         raise ValueError(f"reward {name!r}: module {module_name!r} has no function {fn_name!r}")
 
 
-def make_reward_fn(
-    name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **options
-) -> RewardFn:
-    """Build the reward called `name` (a registered name or a `module:function` path).
+def check_reward_name(name: str) -> None:
+    """Raise `ValueError` with one readable line unless `name` is a valid reward spec: a registered name, an importable
+    `module:function`, or a comma-separated list of those with optional `:weight`s (see `parse_reward_spec`)."""
+    parse_reward_spec(name)
 
-    `options` holds every reward option of the config; each factory receives the ones its signature names.
-    """
-    check_reward_name(name)
+
+def validate_scores(name: str, scores: Any, batch_size: int) -> torch.Tensor:
+    """`scores` as a `(batch_size,)` float32 tensor, or `ValueError` naming the reward when it returned something else
+    (a wrong shape or length, strings, None, complex numbers)."""
+    if isinstance(scores, torch.Tensor):
+        if scores.dtype.is_complex or scores.dtype not in _REAL_DTYPES and not scores.is_floating_point():
+            raise ValueError(f"reward {name!r} returned a tensor of dtype {scores.dtype}; expected real numbers")
+        tensor = scores
+    else:
+        try:
+            array = np.asarray(scores)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"reward {name!r} returned {type(scores).__name__} that is not an array of numbers ({e})") from None
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"reward {name!r} returned {type(scores).__name__} of {array.dtype} values; expected numbers")
+        tensor = torch.from_numpy(array)
+    if tensor.shape != (batch_size,):
+        raise ValueError(f"reward {name!r} returned shape {tuple(tensor.shape)} for {batch_size} outputs; "
+                         f"expected ({batch_size},), one score per output")
+    return tensor.float()
+
+
+def _validated(name: str, fn: RewardFn) -> RewardFn:
+    """`fn` whose scores are checked by `validate_scores` (and returned as float32) at every call."""
+
+    def reward_fn(outputs: Any, prompts: list[str]) -> torch.Tensor:
+        return validate_scores(name, fn(outputs, prompts), len(prompts))
+
+    return reward_fn
+
+
+def _make_single(name: str, device: torch.device | str | None, dtype: torch.dtype | None, options: dict) -> RewardFn:
+    """Build one registered reward or `module:function`, its outputs validated."""
     if name in _FACTORIES:
         factory = _FACTORIES[name]
         accepted = inspect.signature(factory).parameters
-        return factory(device=device, dtype=dtype, **{k: v for k, v in options.items() if k in accepted})
-    module_name, fn_name = name.split(":", 1)
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    return _wrap_trl_signature(fn) if _has_trl_signature(fn) else fn
+        fn = factory(device=device, dtype=dtype, **{k: v for k, v in options.items() if k in accepted})
+    else:
+        module_name, fn_name = name.split(":", 1)
+        fn = getattr(importlib.import_module(module_name), fn_name)
+        fn = _wrap_trl_signature(fn) if _has_trl_signature(fn) else fn
+    return _validated(name, fn)
+
+
+class WeightedReward:
+    """`sum_i w_i * reward_i(outputs, prompts)` over the components of a reward spec, float32 `(B,)`.
+
+    Attributes:
+        names: the components' names, in spec order.
+        weights: their weights.
+        last_components: each component's raw (unweighted) `(B,)` scores from the last call, for logging.
+    """
+
+    def __init__(self, components: list[tuple[str, float, RewardFn]]) -> None:
+        self.names = [name for name, _, _ in components]
+        self.weights = [weight for _, weight, _ in components]
+        self._fns = [fn for _, _, fn in components]
+        self.last_components: dict[str, torch.Tensor] = {}
+
+    def __call__(self, outputs: Any, prompts: list[str]) -> torch.Tensor:
+        scores = [fn(outputs, prompts) for fn in self._fns]
+        self.last_components = dict(zip(self.names, scores))
+        if len(scores) == 1 and self.weights[0] == 1.0:
+            # A lone unweighted reward is returned as is, bit for bit.
+            return scores[0]
+        # Components may score on different devices (a CLIP model on the GPU, JPEG sizes on the CPU): sum on the first's.
+        device = scores[0].device
+        return sum(weight * score.to(device) for weight, score in zip(self.weights, scores))
+
+
+def make_weighted_reward(
+    spec: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **options: Any
+) -> WeightedReward:
+    """Build every component of `spec` (see `parse_reward_spec`) once, as a `WeightedReward`; each component's factory
+    receives the `options` its signature names."""
+    return WeightedReward([(name, weight, _make_single(name, device, dtype, options))
+                           for name, weight in parse_reward_spec(spec)])
+
+
+def make_reward_fn(
+    name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **options: Any
+) -> RewardFn:
+    """Build the reward `name`: a registered name or a `module:function` path, or a weighted list of them (then a
+    `WeightedReward`). Scores come back as a validated float32 `(B,)` tensor.
+
+    `options` holds every reward option of the config; each factory receives the ones its signature names.
+    """
+    parsed = parse_reward_spec(name)
+    if len(parsed) == 1 and parsed[0] == (name, 1.0):
+        return _make_single(name, device, dtype, options)
+    return make_weighted_reward(name, device=device, dtype=dtype, **options)
 
 
 def _has_trl_signature(fn: Callable) -> bool:
@@ -97,4 +248,4 @@ def _wrap_trl_signature(fn: Callable) -> RewardFn:
 
 
 # Importing the modules registers their rewards.
-from rebel_diffusion.rewards import aesthetic, jpeg, shape_fidelity, text  # noqa: E402,F401
+from rebel_diffusion.rewards import aesthetic, alignment, jpeg, shape_fidelity, text  # noqa: E402,F401

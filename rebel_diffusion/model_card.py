@@ -1,0 +1,113 @@
+"""A Hugging Face Hub model card (`README.md`) for a checkpoint folder: what was trained, how, and how to load it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# The config keys each algorithm reads beyond the common ones.
+ALGORITHM_KEYS = {
+    "rebel": ("rebel.eta", "rebel.target"),
+    "ppo": ("ppo.clip_range", "ppo.adv_clip_max"),
+    "rloo": ("rloo.k", "rloo.clip_range"),
+    "grpo": ("grpo.k", "grpo.clip_range", "grpo.adv_clip_max", "grpo.eps"),
+    "online_dpo": ("dpo.beta",),
+}
+COMMON_KEYS = (
+    "train.learning_rate", "sample.batch_size", "sample.num_batches_per_epoch", "train.batch_size",
+    "train.gradient_accumulation_steps", "train.num_inner_epochs", "num_epochs", "kl_coef", "lora.rank", "lora.alpha",
+    "lora.targets", "mixed_precision", "seed",
+)
+LCM_KEYS = ("resolution", "model.num_steps", "model.guidance_scale")
+TEXT_KEYS = ("model.max_new_tokens", "model.temperature")
+
+
+def _get(config: dict[str, Any], key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _yaml_string(value: str) -> str:
+    # JSON strings are valid YAML double-quoted scalars: quotes, colons and backslashes stay safe.
+    return json.dumps(value)
+
+
+def write_model_card(directory: Path, config: dict[str, Any], metrics: dict[str, Any] | None) -> Path:
+    """Write `<directory>/README.md` for the checkpoint in `directory` and return its path.
+
+    Args:
+        directory: the checkpoint folder (holds the LoRA weights).
+        config: the resolved training config as a dict (`config.json`).
+        metrics: the last logged metrics (a `metrics.jsonl` line), or None.
+    """
+    directory = Path(directory)
+    is_lcm = config.get("policy", "lcm") == "lcm"
+    base_model = str(_get(config, "model.pretrained"))
+    algorithm = str(config.get("algorithm", "unknown"))
+    reward = str(_get(config, "reward.name"))
+    library = "diffusers" if is_lcm else "peft"
+    tags = ["rebel-diffusion", "reinforcement-learning", algorithm, "lora"]
+    tags += ["text-to-image", "latent-consistency-model"] if is_lcm else ["text-generation"]
+
+    front = ["---"]
+    # The Hub links base_model only to a Hub id; a local path would be an invalid reference.
+    if base_model.count("/") == 1 and not Path(base_model).expanduser().exists():
+        front.append(f"base_model: {_yaml_string(base_model)}")
+    front += [f"library_name: {library}", f"pipeline_tag: {'text-to-image' if is_lcm else 'text-generation'}", "tags:"]
+    front += [f"- {_yaml_string(tag)}" for tag in tags]
+    front.append("---")
+
+    keys = COMMON_KEYS + ALGORITHM_KEYS.get(algorithm, ()) + (LCM_KEYS if is_lcm else TEXT_KEYS)
+    rows = [f"| `{key}` | `{_get(config, key)}` |" for key in keys if _get(config, key) is not None]
+    body = [
+        f"# {algorithm.upper()} fine-tune of {base_model}",
+        "",
+        f"A LoRA adapter trained with rebel-diffusion by **{algorithm}** to maximise the reward **{reward}**.",
+        "",
+        f"- Base model: `{base_model}`",
+        f"- Algorithm: `{algorithm}`",
+        f"- Reward: `{reward}`",
+        "",
+        "## Training configuration",
+        "",
+        "| key | value |",
+        "| --- | --- |",
+        *rows,
+        "",
+        "## Last metrics",
+        "",
+    ]
+    if metrics:
+        body += ["| metric | value |", "| --- | --- |"]
+        body += [f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in metrics.items()]
+    else:
+        body.append("No metrics were logged.")
+    body += ["", "## How to load", "", "```python"]
+    if is_lcm:
+        body += [
+            "import torch",
+            "from diffusers import LatentConsistencyModelPipeline",
+            "",
+            f"pipe = LatentConsistencyModelPipeline.from_pretrained({base_model!r})",
+            "pipe.load_lora_weights(\"path/to/this/folder\")",
+            f"image = pipe(\"a prompt\", num_inference_steps={_get(config, 'model.num_steps')}, "
+            f"guidance_scale={_get(config, 'model.guidance_scale')}).images[0]",
+        ]
+    else:
+        body += [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f"base = AutoModelForCausalLM.from_pretrained({base_model!r})",
+            f"tokenizer = AutoTokenizer.from_pretrained({base_model!r})",
+            "model = PeftModel.from_pretrained(base, \"path/to/this/folder\")",
+        ]
+    body += ["```", ""]
+    path = directory / "README.md"
+    path.write_text("\n".join(front + [""] + body))
+    return path
