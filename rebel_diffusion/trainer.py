@@ -283,6 +283,13 @@ def pair_loss_gradients(accelerator: Accelerator, policy: Policy, algorithm: Alg
     """
     chunks, params = policy.step_chunks(), policy.trainable_parameters()
     num_pairs = len(batch) // 2
+    if len(chunks) == 1:
+        # All steps in one graph (a token policy): every pair of the micro-batch in one forward and one backward.
+        log_prob, _ = policy.log_prob(batch, chunks[0])
+        ratio = ((log_prob - batch.log_probs[:, : log_prob.shape[1]]) * batch.mask[:, : log_prob.shape[1]]).sum(dim=1)
+        loss = algorithm.pair_loss(ratio[0::2], ratio[1::2], targets[0::2], targets[1::2], config)
+        accelerator.backward(loss)
+        return {"loss": loss.detach().cpu()}
     losses = []
     for pair_index in range(num_pairs):
         pair = batch[[2 * pair_index, 2 * pair_index + 1]]
@@ -322,8 +329,10 @@ def _trajectory_kl(policy: Policy, samples: Trajectory, num: int) -> torch.Tenso
     first `num` trajectories only (a logging estimate that costs a few forward passes, not a pass per step)."""
     if samples.kl is not None:
         return samples.masked_sum(samples.kl)
+    if not num or not policy.has_reference:
+        return torch.zeros(0, device=samples.log_probs.device)
     subset = samples[:num]
-    return subset.masked_sum(policy.kl(subset)) if num else torch.zeros(0, device=samples.log_probs.device)
+    return subset.masked_sum(policy.kl(subset))
 
 
 @torch.no_grad()
@@ -377,6 +386,8 @@ def train(config: ConfigDict) -> Path:
         policy.check_prompts(prompt_pool)
     except ValueError as e:
         raise ConfigError(f"prompt_file: {e}") from None
+    if config.kl_coef > 0 and not policy.has_reference:
+        raise ConfigError("kl_coef > 0 needs the base model as reference, the adapter disabled: set lora.rank > 0")
     k = algorithm.group_size(config)
 
     groups_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch

@@ -466,3 +466,49 @@ def test_pair_gradients_add_up_under_gradient_accumulation(tiny_lcm_path):
     for b, t in halves:  # the second micro-batch's pairs must not rescale the first one's accumulated gradient
         trainer.pair_loss_gradients(accelerator, policy, rebel, b, t, config)
     _assert_grads_close(_grads(policy), expected)
+
+
+@pytest.mark.parametrize("name", ["rebel", "ppo", "rloo", "grpo", "online_dpo"])
+def test_every_algorithms_loss_on_text_trajectories_equals_a_hand_computation(name):
+    from accelerate import Accelerator
+
+    from rebel_diffusion.algorithms import clipped_surrogate, online_dpo_loss, rebel_loss
+    from rebel_diffusion.policies.causal_lm import CausalLMPolicy
+
+    torch.manual_seed(0)
+    policy = CausalLMPolicy.from_pretrained(REPO / "assets" / "tiny-lm", max_new_tokens=4, temperature=0.7,
+                                            chat_template=False)
+    prompts = ["12+34=", "56+78=", "90+11=", "23+45="]  # equal lengths: no prompt padding in the hand computation
+    batch = policy.sample(prompts)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    targets = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    config = get_config()
+    config.ppo.clip_range = config.grpo.clip_range = config.rloo.clip_range = 0.05
+    config.train.num_inner_epochs = 2  # RLOO's clipped ratio, like PPO's
+
+    with torch.no_grad():  # an independent forward: prompt + response ids, logits at the positions before each token
+        ids = torch.cat([batch.states, batch.actions], dim=1)
+        logits = policy.network(input_ids=ids).logits[:, batch.states.shape[1] - 1 : -1] / 0.7
+        log_prob = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.actions[..., None])[..., 0]
+        mask = batch.mask.float()
+        ratio = (log_prob - batch.log_probs) * mask
+        if name == "rebel":
+            expected = rebel_loss(ratio.sum(1)[0::2], ratio.sum(1)[1::2], targets[0::2], targets[1::2], 1.0)
+        elif name == "online_dpo":
+            expected = online_dpo_loss(ratio.sum(1)[0::2], ratio.sum(1)[1::2], targets[0::2], targets[1::2], 0.1)
+        else:
+            surrogate, _ = clipped_surrogate(log_prob - batch.log_probs, targets.clamp(-5.0, 5.0) if name == "grpo"
+                                             else targets.clamp(-10.0, 10.0) if name == "ppo" else targets, 0.05)
+            per_sample = (surrogate * mask).sum(1)
+            expected = (per_sample.sum() / mask.sum()) if name != "rloo" else per_sample.mean()
+    algorithm = ALGORITHMS[name]
+    accelerator = Accelerator(cpu=True)
+    if algorithm.pair_loss is not None:
+        stats = trainer.pair_loss_gradients(accelerator, policy, algorithm, batch, targets, config)
+    else:
+        stats = trainer.step_loss_gradients(accelerator, policy, algorithm, batch, targets, config, 1)
+    assert stats["loss"].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())

@@ -24,11 +24,13 @@ class Policy(Protocol):
         model: the `torch.nn.Module` whose trainable parameters learn; the trainer may replace it by accelerate's
             prepared (wrapped) module, and the policy must call its network through this attribute.
         num_actions: T, the most steps a trajectory has.
+        has_reference: whether `kl` can compare with a reference (False when all weights train, with no adapter).
     """
 
     kind: str
     model: torch.nn.Module
     num_actions: int
+    has_reference: bool
 
     def sample(self, prompts: list[str], generator: torch.Generator | None = None, with_kl: bool = False) -> Trajectory:
         """Sample one trajectory per prompt under `no_grad`; `with_kl` also fills `trajectory.kl` `(B, T)`."""

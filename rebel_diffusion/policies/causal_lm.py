@@ -135,6 +135,11 @@ class CausalLMPolicy:
         )
 
     @property
+    def has_reference(self) -> bool:
+        """The reference is the model with the adapter disabled; training all weights leaves none."""
+        return self.lora_rank > 0
+
+    @property
     def num_actions(self) -> int:
         """T: the most tokens a response has."""
         return self.max_new_tokens

@@ -23,6 +23,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from diffusers.utils.torch_utils import randn_tensor
 from ml_collections import ConfigDict
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
 from rebel_diffusion.plots import save_image_grid
@@ -98,6 +99,61 @@ def _adapters_disabled(unet: torch.nn.Module, disabled: bool) -> Iterator[None]:
         unet.enable_adapters()
 
 
+LoraSite = tuple[torch.nn.Module, str, LoraLayer]  # (parent module, attribute name, the LoRA layer there)
+
+
+def lora_sites(unet: torch.nn.Module) -> list[LoraSite]:
+    """Every peft LoRA layer of `unet` with the parent and attribute name it hangs from."""
+    modules = dict(unet.named_modules())
+    sites = []
+    for name, module in modules.items():
+        if isinstance(module, LoraLayer):
+            parent, _, attribute = name.rpartition(".")
+            sites.append((modules[parent], attribute, module))
+    return sites
+
+
+@contextlib.contextmanager
+def merged_lora(sites: list[LoraSite]) -> Iterator[None]:
+    """Inside the block each LoRA layer is replaced by its base layer with weight `W + scaling * B @ A`.
+
+    An unmerged adapter costs two extra matmuls per projection at every UNet call, and even peft's merged layer a
+    Python wrapper call; with the bare base layers in place the UNet runs as the plain pipeline's does. peft's
+    `merge_adapter()` / `unmerge_adapter()` add and subtract the delta in place, so that every cycle leaves a rounding
+    residue in W that accumulates over a run; here the merged weight is a new tensor swapped in, and on exit, even on an
+    exception, the LoRA layers and the original weight tensors are put back: W is restored bit for bit. The merged
+    copies of the adapted projections exist only inside the block (a few percent of the UNet's weights).
+
+    The reference (adapter disabled) cannot run inside the block. Gradients would not reach the LoRA weights through
+    the merged copy, so the block refuses grad mode: it is for sampling only.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError("merged_lora is for no-grad sampling: gradients do not reach LoRA weights merged into W")
+    swapped = []
+    try:
+        for parent, attribute, layer in sites:
+            base = layer.get_base_layer()
+            # A disabled adapter (the base model, e.g. `sample --compare-base`) contributes nothing to the merge.
+            adapters = [] if layer.disable_adapters else [name for name in layer.active_adapters if name in layer.lora_A]
+            swapped.append((parent, attribute, layer, base.weight.data))
+            base.weight.data = base.weight.data + sum(layer.get_delta_weight(name) for name in adapters)
+            setattr(parent, attribute, base)
+        yield
+    finally:
+        for parent, attribute, layer, data in swapped:
+            layer.get_base_layer().weight.data = data
+            setattr(parent, attribute, layer)
+
+
+def peak_memory_mb(device: torch.device | str) -> float | None:
+    """The most memory torch's CUDA allocator held on `device` since the last `reset_peak_memory_stats`, in MiB;
+    None elsewhere, where torch keeps no such counter."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 class LCMPolicy:
     """A LoRA-adapted `LatentConsistencyModelPipeline` that samples trajectories and re-scores their steps.
 
@@ -110,10 +166,15 @@ class LCMPolicy:
         resolution: side of the square images, in pixels.
         logprob_reduction: "mean" over latent dims (default; what eta = 1 assumes) or "sum" (the exact density).
         lora_rank, lora_alpha, lora_init, lora_targets: the peft LoRA adapter on the UNet's attention projections.
+        decode_batch_size: images the VAE decodes at once: its activations at full resolution, not the UNet's, set
+            the sampling peak and grow with the batch; decoding in slices gives the same images.
+        gradient_checkpointing: recompute the UNet's block activations in the backward pass instead of storing them
+            (less memory for `log_prob`, about one more forward in time).
         device: where the pipeline runs; dtype: the dtype of the frozen weights (LoRA weights stay float32).
     """
 
     kind = "image"
+    has_reference = True  # the UNet with its LoRA adapter disabled
 
     def __init__(
         self,
@@ -126,6 +187,8 @@ class LCMPolicy:
         lora_alpha: float = 8,
         lora_init: str | bool = "gaussian",
         lora_targets: tuple[str, ...] = LORA_TARGETS,
+        decode_batch_size: int = 4,
+        gradient_checkpointing: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -133,6 +196,8 @@ class LCMPolicy:
             raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {logprob_reduction!r}")
         if num_steps < 2:
             raise ValueError(f"num_steps must be at least 2 (one stochastic step), got {num_steps}")
+        if decode_batch_size < 1:
+            raise ValueError(f"decode_batch_size must be at least 1, got {decode_batch_size}")
         scheduler = pipeline.scheduler
         if scheduler.config.get("thresholding", False):
             raise ValueError("LCMScheduler thresholding is not supported by LCMPolicy")
@@ -146,6 +211,7 @@ class LCMPolicy:
         self.guidance_scale = guidance_scale
         self.resolution = resolution
         self.logprob_reduction = logprob_reduction
+        self.decode_batch_size = decode_batch_size
         self.device = torch.device(device) if device is not None else pipeline.device
         self.dtype = dtype
         self.vae, self.text_encoder = pipeline.vae, pipeline.text_encoder
@@ -158,6 +224,13 @@ class LCMPolicy:
             LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets))
         )
         cast_training_params(pipeline.unet, dtype=torch.float32)
+        if gradient_checkpointing:
+            # diffusers checkpoints a block only when grad is enabled: sampling (no_grad) runs as before.
+            pipeline.unet.enable_gradient_checkpointing()
+        # A fp32 LoRA merged into half-precision weights rounds W + delta to bf16/fp16, which the unmerged forward
+        # never does: sampled and recomputed log-probs would then disagree. Merge only where that rounding is fp32's.
+        self.merge_for_sampling = dtype == torch.float32
+        self.lora_sites = lora_sites(pipeline.unet)
         # The trainer may swap in a DistributedDataParallel wrapper; every trained call goes through this attribute.
         self.model = pipeline.unet
 
@@ -210,13 +283,16 @@ class LCMPolicy:
     @classmethod
     def from_config(cls, config: ConfigDict, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32) -> LCMPolicy:
-        """The policy a training config describes (`model.*`, `lora.*`, `resolution`)."""
+        """The policy a training config describes (`model.*`, `lora.*`, `resolution`, `sample.decode_batch_size`,
+        `train.gradient_checkpointing`)."""
         targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()) or LORA_TARGETS
         return cls.from_pretrained(
             config.model.pretrained, device=device, dtype=dtype, num_steps=config.model.num_steps,
             guidance_scale=config.model.guidance_scale, resolution=config.resolution,
             logprob_reduction=config.model.logprob_reduction, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
             lora_init=config.lora.init, lora_targets=targets,
+            decode_batch_size=config.sample.get("decode_batch_size", 4),
+            gradient_checkpointing=config.train.get("gradient_checkpointing", False),
         )
 
     @property
@@ -284,20 +360,24 @@ class LCMPolicy:
         shape = (len(prompts), self.pipeline.unet.config.in_channels, side, side)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         latents = latents * self.pipeline.scheduler.init_noise_sigma
-        chain, log_probs, kls = [latents], [], []
-        for step in tqdm(range(self.num_steps), desc="chain", leave=False, disable=not progress):
-            denoised, mean, std = self._denoise(chain[-1], step, prompt_embeds)
-            if step == self.num_steps - 1:
-                break
-            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-            next_latents = mean + std * noise
-            log_probs.append(gaussian_log_prob(next_latents, mean, std, self.logprob_reduction))
-            if with_kl:
-                _, mean_ref, _ = self._denoise(chain[-1], step, prompt_embeds, reference=True)
-                kls.append(gaussian_kl(mean, mean_ref, std, self.logprob_reduction))
-            chain.append(next_latents)
-        image = self.vae.decode(denoised.to(self.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        images = self.pipeline.image_processor.postprocess(image, output_type="pt").float()
+        chain, means, stds, log_probs = [latents], [], [], []
+        with merged_lora(self.lora_sites) if self.merge_for_sampling else contextlib.nullcontext():
+            for step in tqdm(range(self.num_steps), desc="chain", leave=False, disable=not progress):
+                denoised, mean, std = self._denoise(chain[-1], step, prompt_embeds)
+                if step == self.num_steps - 1:
+                    break
+                noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+                next_latents = mean + std * noise
+                log_probs.append(gaussian_log_prob(next_latents, mean, std, self.logprob_reduction))
+                means.append(mean)
+                stds.append(std)
+                chain.append(next_latents)
+        # The reference needs the unmerged weights with the adapter off, so its passes run after the chain.
+        kls = [
+            gaussian_kl(mean, self._denoise(state, step, prompt_embeds, reference=True)[1], std, self.logprob_reduction)
+            for step, (state, mean, std) in enumerate(zip(chain, means, stds))
+        ] if with_kl else []
+        images = self.decode(denoised)
         latents = torch.stack(chain, dim=1)
         log_probs = torch.stack(log_probs, dim=1)
         return Trajectory(
@@ -310,6 +390,18 @@ class LCMPolicy:
             conditioning=prompt_embeds,
             kl=torch.stack(kls, dim=1) if with_kl else None,
         )
+
+    @torch.no_grad()
+    def decode(self, denoised: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [0, 1], float32, from clean latents `(B, C, h, w)`, `decode_batch_size` at a time.
+
+        Each image is decoded on its own by the VAE (no layer mixes samples), so the slices equal one big decode.
+        """
+        images = []
+        for latents in denoised.split(self.decode_batch_size):
+            image = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+            images.append(self.pipeline.image_processor.postprocess(image, output_type="pt").float())
+        return torch.cat(images)
 
     def log_prob(
         self, trajectory: Trajectory, steps: range, with_kl: bool = False

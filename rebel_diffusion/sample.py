@@ -1,0 +1,250 @@
+"""Sample from a trained checkpoint (or a base model): `python -m rebel_diffusion.sample --checkpoint DIR --out DIR`.
+
+The policy is rebuilt from the run's `config.json` exactly as training built it, then the checkpoint's LoRA weights
+are loaded. Images: one PNG per (prompt, seed) plus `grid.png` (rows = prompts); with `--compare-base` the base
+model's image for the same seed (the same network with the adapter disabled, so the model is loaded once) is written
+beside each fine-tuned one. Text: `samples.jsonl`, one line per (prompt, seed), with `base_response` under
+`--compare-base`.
+
+Each (prompt, seed) is sampled on its own, so its output depends only on the prompt and the seed, never on which other
+prompts were asked for. Bad inputs (no LoRA weights, weights that do not fit the model, a missing prompt file) exit
+with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from ml_collections import ConfigDict
+from PIL import Image
+
+from rebel_diffusion.plots import save_image_grid
+from rebel_diffusion.policies import POLICIES, Policy, make_policy
+from rebel_diffusion.trainer import DTYPES, ConfigError, find_checkpoint, read_prompts
+
+# What a checkpoint folder holds for each policy: the diffusers LoRA file, a peft adapter, or (LoRA rank 0) full weights.
+LORA_FILES = {"lcm": ("pytorch_lora_weights.safetensors",), "causal_lm": ("adapter_model.safetensors", "model.safetensors")}
+DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse"]
+
+
+class SampleError(Exception):
+    """A user input problem, reported as one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors become `SampleError` (one line, exit 2) instead of usage text plus `sys.exit`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SampleError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m rebel_diffusion.sample`."""
+    parser = _Parser(prog="python -m rebel_diffusion.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="a checkpoint folder <run>/checkpoints/epoch_NNNN, or a run folder (its "
+                                             "latest checkpoint); without it, the base model of --model")
+    parser.add_argument("--out", required=True, help="folder to write the samples to")
+    parser.add_argument("--model", help="the base model (Hub id or folder); default: the run's model.pretrained")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="lcm",
+                        help="the policy without --checkpoint (with one, the run's)")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", nargs="+", help="prompts to sample")
+    prompts.add_argument("--prompt-file", help="a prompt file (text, JSONL or dataset, as for training)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one sample per prompt and seed")
+    parser.add_argument("--compare-base", action="store_true", help="also sample the base model with the same seeds")
+    parser.add_argument("--resolution", type=int, help="image side in pixels; default: the run's")
+    return parser
+
+
+def load_run_config(checkpoint: Path) -> ConfigDict:
+    """The resolved config `<run>/config.json` of the run that wrote `checkpoint` (`<run>/checkpoints/epoch_NNNN`)."""
+    path = checkpoint.parent.parent / "config.json"
+    if not path.is_file():
+        raise SampleError(f"{path} not found: {checkpoint} is not inside a run folder written by the trainer")
+    try:
+        return ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise SampleError(f"{path} is not valid JSON ({e})") from None
+
+
+def base_config(model: str, policy: str) -> ConfigDict:
+    """The trainer's defaults (configs/base.py, importable from the repository root) for `model` without a checkpoint."""
+    try:
+        from configs.base import get_config
+    except ImportError:
+        raise SampleError("without --checkpoint the defaults come from the repository's configs/base.py; run from the "
+                          "repository root") from None
+
+    config = get_config()
+    config.model.pretrained = model
+    config.policy = policy
+    return config
+
+
+@contextlib.contextmanager
+def adapter_disabled(policy: Policy) -> Iterator[None]:
+    """Sample the base model inside the block: the policy's own network with its LoRA adapter switched off."""
+    pipeline = getattr(policy, "pipeline", None)
+    if pipeline is not None:
+        pipeline.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            pipeline.unet.enable_adapters()
+        return
+    network = getattr(policy, "network", None)
+    if network is None or not hasattr(network, "disable_adapter"):
+        raise SampleError("--compare-base needs a LoRA adapter; this checkpoint holds full weights (lora.rank=0)")
+    with network.disable_adapter():
+        yield
+
+
+def load_checkpoint_weights(policy: Policy, checkpoint: Path) -> None:
+    """`policy.load_lora(checkpoint)`, refusing weights that do not fit and weights that load nothing.
+
+    diffusers' loader silently skips keys with an unknown prefix, so success is checked by its effect: at least one of
+    the policy's trainable tensors must have changed.
+    """
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
+    try:
+        policy.load_lora(checkpoint)
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        raise SampleError(f"cannot load the LoRA weights of {checkpoint}: {_one_line(e)}") from None
+    if all(torch.equal(old, new.detach()) for old, new in zip(before, policy.trainable_parameters())):
+        raise SampleError(f"the LoRA weights in {checkpoint} match none of this model's adapter layers "
+                          "(wrong key prefix or another model's LoRA)")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__
+
+
+def _resolve_checkpoint(path: str) -> Path:
+    try:
+        return find_checkpoint(path)
+    except ConfigError:
+        raise SampleError(f"--checkpoint {path!r} is neither a checkpoint folder nor a run folder with checkpoints") \
+            from None
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt_file:
+        try:
+            return read_prompts(args.prompt_file, key="--prompt-file")
+        except ConfigError as e:
+            raise SampleError(str(e)) from None
+    return args.prompts or DEFAULT_PROMPTS
+
+
+def _sample_images(policy: Policy, prompts: list[str], seeds: list[int], out: Path, compare_base: bool) -> None:
+    """One PNG per (prompt, seed) (and its `_base` twin), `grid.png` with base | fine-tuned pairs per seed, and
+    `samples.json` mapping files to prompts and seeds."""
+    def draw(prompt: str, seed: int) -> torch.Tensor:
+        return policy.sample([prompt], generator=torch.Generator().manual_seed(seed)).outputs[0].cpu()
+
+    rows, index = [], []
+    for i, prompt in enumerate(prompts):
+        row = []
+        for seed in seeds:
+            entry = {"prompt": prompt, "seed": seed, "file": f"p{i:03d}_s{seed}.png"}
+            if compare_base:
+                with adapter_disabled(policy):
+                    base = draw(prompt, seed)
+                entry["base_file"] = f"p{i:03d}_s{seed}_base.png"
+                _save_png(base, out / entry["base_file"])
+                row.append(base)
+            image = draw(prompt, seed)
+            _save_png(image, out / entry["file"])
+            row.append(image)
+            index.append(entry)
+        rows.append(torch.stack(row))
+    save_image_grid(torch.stack(rows), prompts, out / "grid.png")
+    (out / "samples.json").write_text(json.dumps(index, indent=2))
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    pixels = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(pixels).save(path)
+
+
+def _sample_text(policy: Policy, prompts: list[str], seeds: list[int], out: Path, compare_base: bool) -> None:
+    """`samples.jsonl`: `{"prompt", "seed", "response"[, "base_response"]}` per (prompt, seed)."""
+    lines = []
+    for prompt in prompts:
+        for seed in seeds:
+            record = {"prompt": prompt, "seed": seed}
+            record["response"] = policy.sample([prompt], generator=torch.Generator().manual_seed(seed)).outputs[0]
+            if compare_base:
+                with adapter_disabled(policy):
+                    record["base_response"] = policy.sample([prompt],
+                                                            generator=torch.Generator().manual_seed(seed)).outputs[0]
+            lines.append(json.dumps(record))
+    (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Sample as `args` say; returns the output folder. Raises `SampleError` for bad inputs."""
+    checkpoint = _resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None:
+        config = load_run_config(checkpoint)
+        names = LORA_FILES.get(config.policy, ())
+        if names and not any((checkpoint / name).is_file() for name in names):
+            raise SampleError(f"checkpoint {checkpoint} holds no LoRA weights ({' or '.join(names)})")
+        if args.model:
+            config.model.pretrained = args.model
+    elif not args.model:
+        raise SampleError("--model is required without --checkpoint")
+    elif args.compare_base:
+        raise SampleError("--compare-base needs --checkpoint: without one the model is the base model")
+    else:
+        config = base_config(args.model, args.policy)
+    if args.resolution:
+        config.resolution = args.resolution
+    prompts = _prompts(args)
+    # A policy whose weights are not loaded from a checkpoint must equal the base model: peft's default init (True)
+    # starts LoRA B at zero. The field is typed str ("gaussian"), so the section is replaced rather than assigned to.
+    config.lora = ConfigDict({**config.lora.to_dict(), "init": True})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES.get(config.get("mixed_precision", "no"), torch.float32) if device.type == "cuda" else torch.float32
+    try:
+        policy = make_policy(config, device, dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SampleError(f"cannot build the model: {_one_line(e)}") from None
+    try:
+        policy.check_prompts(prompts)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
+    if checkpoint is not None:
+        load_checkpoint_weights(policy, checkpoint)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sampler = _sample_images if policy.kind == "image" else _sample_text
+    sampler(policy, prompts, list(args.seeds), out, args.compare_base)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, or 2 with one line on stderr for bad inputs)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Loading bars on stderr would bury the one-line error a bad input gets.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        out = run(build_parser().parse_args(argv))
+    except SampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"samples written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

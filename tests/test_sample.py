@@ -1,0 +1,176 @@
+"""Tests of `python -m rebel_diffusion.sample`: sampling a real (tiny) training run's checkpoint beside its base model,
+sampling a text checkpoint, and the one-line refusals of bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from configs.base import get_config
+from rebel_diffusion.plots import CELL, LABEL_WIDTH
+from rebel_diffusion.policies import make_policy
+from rebel_diffusion.sample import main
+from rebel_diffusion.trainer import CHECKPOINT_FILE, train
+from tests.conftest import save_tiny_causal_lm
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
+
+
+@pytest.fixture(scope="module")
+def lcm_run(tiny_lcm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch REBEL run on the tiny LCM, as the trainer lays it out."""
+    root = tmp_path_factory.mktemp("sample_run")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    config = get_config()
+    config.model.pretrained = str(tiny_lcm_path)
+    config.prompt_file = str(root / "prompts.txt")
+    config.resolution = 32
+    config.logdir = str(root)
+    config.run_name = "run"
+    config.log_with = ""
+    config.num_epochs = 1
+    config.sample.batch_size = 2
+    config.sample.num_batches_per_epoch = 1
+    config.train.batch_size = 1
+    config.train.gradient_accumulation_steps = 2
+    config.stat_tracker.min_count = 2
+    config.grid.num_prompts = 0
+    # peft starts LoRA B at zero and Adam moves it by about the learning rate per step: at the default 3e-4 one step
+    # changes no pixel of a tiny random model after uint8 rounding, so take large steps.
+    config.train.learning_rate = 0.1
+    return train(config)
+
+
+def read_png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_checkpoint_samples_beside_the_base_model(lcm_run, tiny_lcm_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_main(["--checkpoint", lcm_run, "--out", out, "--prompts", *PROMPTS, "--seeds", 3, 4,
+                          "--compare-base"], capsys)
+    assert code == 0, err
+    index = json.loads((out / "samples.json").read_text())
+    assert [(e["prompt"], e["seed"]) for e in index] == [(p, s) for p in PROMPTS for s in (3, 4)]
+    for entry in index:
+        tuned, base = read_png(out / entry["file"]), read_png(out / entry["base_file"])
+        assert tuned.shape == base.shape == (32, 32, 3)
+        assert np.abs(tuned.astype(int) - base.astype(int)).max() > 0, "the LoRA changed nothing"
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (LABEL_WIDTH + 2 * 2 * CELL, 2 * CELL)  # base | fine-tuned for each of the two seeds
+
+    # The base images are what the base model alone samples (no checkpoint: --model), seed for seed.
+    base_out = tmp_path / "base"
+    code, err = run_main(["--model", tiny_lcm_path, "--resolution", 32, "--out", base_out, "--prompts", *PROMPTS,
+                          "--seeds", 3, 4], capsys)
+    assert code == 0, err
+    for entry, base_entry in zip(index, json.loads((base_out / "samples.json").read_text())):
+        np.testing.assert_array_equal(read_png(out / entry["base_file"]), read_png(base_out / base_entry["file"]))
+
+
+def test_checkpoint_folder_and_prompt_file(lcm_run, tmp_path, capsys):
+    checkpoint = sorted((lcm_run / "checkpoints").glob("epoch_*"))[-1]
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text(PROMPTS[0] + "\n")
+    code, err = run_main(["--checkpoint", checkpoint, "--out", tmp_path / "out", "--prompt-file", prompt_file], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "p000_s0.png").is_file() and (tmp_path / "out" / "grid.png").is_file()
+
+
+def copy_run(run: Path, destination: Path) -> Path:
+    """A copy of `run`, so a test may break its checkpoint; returns the copy's checkpoint folder."""
+    shutil.copytree(run, destination)
+    return sorted((destination / "checkpoints").glob("epoch_*"))[-1]
+
+
+def rewrite_lora(checkpoint: Path, rename) -> None:
+    state = load_file(str(checkpoint / LORA_FILE))
+    save_file({rename(k): v for k, v in state.items()}, str(checkpoint / LORA_FILE))
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("no_weights", "holds no LoRA weights"),
+        ("wrong_prefix", "match none of this model's adapter layers"),
+        ("unexpected_keys", "cannot load the LoRA weights"),
+        ("missing_prompt_file", "prompts.txt"),
+        ("not_a_checkpoint", "neither a checkpoint folder nor a run folder"),
+        ("no_model", "--model is required"),
+        ("base_compare_without_checkpoint", "--compare-base needs --checkpoint"),
+        ("bad_flag", "unrecognized arguments"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(lcm_run, tmp_path, capsys, breakage, message):
+    checkpoint = copy_run(lcm_run, tmp_path / "run")
+    argv = ["--checkpoint", checkpoint, "--out", tmp_path / "out"]
+    if breakage == "no_weights":
+        (checkpoint / LORA_FILE).unlink()
+    elif breakage == "wrong_prefix":
+        rewrite_lora(checkpoint, lambda k: "transformer." + k.removeprefix("unet."))
+    elif breakage == "unexpected_keys":
+        rewrite_lora(checkpoint, lambda k: k.replace("to_q", "to_nowhere"))
+    elif breakage == "missing_prompt_file":
+        argv += ["--prompt-file", tmp_path / "prompts.txt"]
+    elif breakage == "not_a_checkpoint":
+        argv = ["--checkpoint", tmp_path, "--out", tmp_path / "out"]
+    elif breakage == "no_model":
+        argv = ["--out", tmp_path / "out"]
+    elif breakage == "base_compare_without_checkpoint":
+        argv = ["--model", "owner/model", "--out", tmp_path / "out", "--compare-base"]
+    elif breakage == "bad_flag":
+        argv += ["--steps", "3"]
+    code, err = run_main(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out" / "grid.png").exists()
+
+
+def test_text_checkpoint_writes_jsonl_with_base_responses(tmp_path, capsys):
+    model_dir = save_tiny_causal_lm(tmp_path / "lm", "gpt2")
+    config = get_config()
+    config.policy = "causal_lm"
+    config.model.pretrained = str(model_dir)
+    config.model.max_new_tokens = 8
+    config.lora.rank = 2
+    policy = make_policy(config, torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in policy.trainable_parameters():
+            parameter.add_(torch.randn_like(parameter))  # a "trained" adapter: far from the base
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "epoch_0001"
+    checkpoint.mkdir(parents=True)
+    policy.save_lora(checkpoint)
+    (checkpoint / CHECKPOINT_FILE).write_text("{}")
+    (run / "config.json").write_text(config.to_json_best_effort())
+
+    prompts = ["1+2=", "3+4="]
+    code, err = run_main(["--checkpoint", run, "--out", tmp_path / "out", "--prompts", *prompts, "--seeds", 0, 1,
+                          "--compare-base"], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in records] == [(p, s) for p in prompts for s in (0, 1)]
+    assert all(isinstance(r["response"], str) and isinstance(r["base_response"], str) for r in records)
+    assert any(r["response"] != r["base_response"] for r in records)
+
+    code, err = run_main(["--model", model_dir, "--policy", "causal_lm", "--out", tmp_path / "base", "--prompts",
+                          *prompts, "--seeds", 0, 1], capsys)
+    assert code == 0, err
+    # config.json's max_new_tokens (8) is not used without a checkpoint, so compare the common prefix.
+    base = [json.loads(line) for line in (tmp_path / "base" / "samples.jsonl").read_text().splitlines()]
+    for record, base_record in zip(records, base):
+        assert base_record["response"].startswith(record["base_response"])
