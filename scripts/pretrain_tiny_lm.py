@@ -6,15 +6,17 @@ loads through the very same `AutoModelForCausalLM` / `AutoTokenizer.from_pretrai
 - Tokenizer: one token per character of "0123456789+=" plus <pad>, <bos>, <eos>, <unk>, built with `tokenizers` and
   wrapped as a `PreTrainedTokenizerFast` (BOS is prepended to every text).
 - Model: a 2-layer Llama-style decoder (64 wide, tied embeddings).
-- Data: prompts "a+b=" for a, b in 10..99 and targets "<sum><eos>". The 8100 pairs are shuffled once (seeded) and split
-  into 100 held-out prompts (`assets/addition_heldout_prompts.txt`, never trained on), 200 RL prompts
-  (`assets/addition_train_prompts.txt`, kept for RL fine-tuning), 200 development prompts that decide when to stop, and
-  the rest for pretraining.
+- Data: prompts "a+b=" for a, b in 10..99 and targets "<sum><eos>". The 8100 pairs are shuffled once (seeded) into 100
+  held-out prompts (`assets/addition_heldout_prompts.txt`, never trained on, neither here nor by RL), 200 development
+  prompts that decide when to stop, and the rest for pretraining. RL fine-tunes on every pair that is not held out
+  (`assets/addition_train_prompts.txt`, 8000 prompts): with a few hundred RL prompts, each seen many times, the policy
+  memorised their answers instead of getting better at addition.
 - Training stops early, as soon as exact-match accuracy on the development prompts at temperature 0.7 reaches
   `--target-accuracy`: the model is deliberately mediocre so that RL has room to improve it.
 
-The shipped model stopped after 400 steps (about 30 s on one CPU thread); its held-out accuracy at temperature 0.7 is
-0.44 (mean over 5 sampling seeds).
+The shipped model stopped after 450 steps (about 30 s on one CPU thread); its held-out accuracy at temperature 0.7 is
+0.53 (mean over 5 sampling seeds), while greedy decoding gets about 0.86 of them right: most of RL's room is in making
+the sampled answer the model's most likely one.
 
 Run from the repo root:  .venv/bin/python scripts/pretrain_tiny_lm.py
 Only re-score the saved model:  .venv/bin/python scripts/pretrain_tiny_lm.py --evaluate-only
@@ -65,10 +67,10 @@ def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
 
 
 def split_pairs(seed: int) -> dict[str, list[tuple[int, int]]]:
-    """Disjoint held-out, RL, development and pretraining (a, b) pairs."""
+    """Held-out, development and pretraining (a, b) pairs, disjoint, and the RL pairs: all but the held-out ones."""
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     random.Random(seed).shuffle(pairs)
-    return {"heldout": pairs[:100], "rl": pairs[100:300], "dev": pairs[300:500], "pretrain": pairs[500:]}
+    return {"heldout": pairs[:100], "dev": pairs[100:300], "pretrain": pairs[300:], "rl": pairs[100:]}
 
 
 def prompt(pair: tuple[int, int]) -> str:
