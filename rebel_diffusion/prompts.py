@@ -63,4 +63,4 @@ def _read_dataset(spec: str, key: str) -> list[str]:
         raise PromptSourceError(f"{key} {spec!r}: cannot load the dataset: {first}") from None
     if column not in dataset.column_names:
         raise PromptSourceError(f"{key} {spec!r}: no column {column!r}; the dataset has {dataset.column_names}")
-    return [str(p) for p in dataset[column]]
+    return [str(p) for p in dataset[column] if p is not None]

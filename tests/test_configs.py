@@ -46,3 +46,36 @@ def test_aesthetic_prompts_are_the_45_animals():
     repo = Path(__file__).resolve().parents[1]
     prompts = (repo / aesthetic_rebel.get_config().prompt_file).read_text().split()
     assert len(prompts) == 45 and prompts[0] == "cat" and prompts[-1] == "kangaroo"
+
+
+def test_tldr_rebel_is_the_papers_setting():
+    from configs import tldr_rebel
+
+    c = tldr_rebel.get_config()
+    assert (c.policy, c.algorithm, c.model.pretrained) == ("causal_lm", "rebel", "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr")
+    assert c.reward.reward_model_path == "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    assert (c.train.learning_rate, c.train.lr_schedule, c.train.num_inner_epochs, c.rebel.eta, c.kl_coef) == (
+        3e-6, "linear", 4, 1.0, 0.05)
+    assert (c.model.temperature, c.model.max_new_tokens, c.lora.rank, c.lora.alpha) == (0.7, 53, 1024, 2048.0)
+    assert c.sample.batch_size * c.sample.num_batches_per_epoch * 8 == 512  # prompts per update on 8 GPUs
+    assert c.reward.missing_eos_penalty == -1.0
+
+
+@pytest.mark.parametrize("algorithm", ["rebel", "ppo", "rloo", "grpo", "online_dpo"])
+def test_quickstarts_spend_equal_reward_queries_and_optimizer_steps(algorithm):
+    import importlib
+
+    from rebel_diffusion.algorithms import ALGORITHMS
+
+    for prefix in ("quickstart", "quickstart_text"):
+        reference = importlib.import_module(f"configs.{prefix}_rebel").get_config()
+        c = importlib.import_module(f"configs.{prefix}_{algorithm}").get_config()
+        assert c.algorithm == algorithm and c.num_epochs == reference.num_epochs
+
+        def budget(config):
+            groups = config.sample.batch_size * config.sample.num_batches_per_epoch
+            queries = groups * ALGORITHMS[config.algorithm].group_size(config)
+            steps = groups // (config.train.batch_size * config.train.gradient_accumulation_steps)
+            return queries, steps * config.train.num_inner_epochs
+
+        assert budget(c) == budget(reference), prefix

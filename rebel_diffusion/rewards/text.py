@@ -21,6 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from huggingface_hub import snapshot_download
+
 from rebel_diffusion.rewards import RewardFn, RewardSetupError, register_reward
 
 _ADDITION = re.compile(r"^\s*(-?\d+)\s*\+\s*(-?\d+)\s*=\s*$")
@@ -108,10 +110,16 @@ def reward_model(
     reward_model_path: str = "",
     reward_batch_size: int = 8,
 ) -> RewardFn:
-    """A learned reward model from a local folder: a one-label `AutoModelForSequenceClassification`, or a backbone
-    with a `scalar_head` (detected from its weights)."""
+    """A learned reward model from a local folder or a Hub id (`owner/name`, fetched into the Hub cache): a one-label
+    `AutoModelForSequenceClassification`, or a backbone with a `scalar_head` (detected from its weights)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     path = Path(reward_model_path).expanduser()
+    if reward_model_path and not path.exists() and reward_model_path.count("/") == 1:
+        try:
+            path = Path(snapshot_download(reward_model_path))
+        except Exception as e:  # network, auth and missing-repo errors all mean "cannot fetch it"
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RewardSetupError(f"cannot fetch reward model {reward_model_path!r}: {first_line}") from None
     if not reward_model_path or not (path / "config.json").exists():
         raise RewardSetupError(f"reward_model_path {reward_model_path!r} is not a model folder with a config.json")
     try:
