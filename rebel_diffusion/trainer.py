@@ -237,6 +237,15 @@ def _truncate_metrics(path: Path, first_epoch: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
+def _log_images(accelerator: Accelerator, tag: str, outputs: Any, step: int) -> None:
+    """Image outputs `(B, 3, H, W)` to TensorBoard, when it is a tracker; text outputs stay in the run folder."""
+    if not isinstance(outputs, torch.Tensor):
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, outputs[:16].float().clamp(0, 1).cpu(), step)
+
+
 def _backward_context(accelerator: Accelerator, model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
     """DDP all-reduces at every backward of a sync step; only a micro-batch's last backward needs to."""
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
@@ -336,14 +345,17 @@ def _trajectory_kl(policy: Policy, samples: Trajectory, num: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, prompts: list[str], seeds: list[int], reward_fns: dict[str, Callable]) -> dict[str, float]:
-    """Mean of each reward on held-out prompts x fixed seeds, as `eval_<name>`; the global RNG is left untouched."""
-    scores = defaultdict(list)
+def evaluate(policy: Policy, prompts: list[str], seeds: list[int],
+             reward_fns: dict[str, Callable]) -> tuple[dict[str, float], list]:
+    """Mean of each reward on held-out prompts x fixed seeds, as `eval_<name>`, and the outputs of each seed; the
+    global RNG is left untouched."""
+    scores, outputs_by_seed = defaultdict(list), []
     for seed in seeds:
         outputs = policy.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs
+        outputs_by_seed.append(outputs)
         for name, reward_fn in reward_fns.items():
             scores[name].append(torch.as_tensor(reward_fn(outputs, prompts), dtype=torch.float32).cpu())
-    return {f"eval_{name}": torch.cat(values).mean().item() for name, values in scores.items()}
+    return {f"eval_{name}": torch.cat(values).mean().item() for name, values in scores.items()}, outputs_by_seed
 
 
 def train(config: ConfigDict) -> Path:
@@ -426,10 +438,14 @@ def train(config: ConfigDict) -> Path:
 
     for epoch in range(progress.epoch, config.num_epochs + 1):
         if eval_prompts and (epoch % config.eval.every == 0 or epoch == config.num_epochs):
-            eval_metrics = {"epoch": epoch, **evaluate(policy, eval_prompts, eval_seeds, eval_reward_fns)}
+            scores, outputs_by_seed = evaluate(policy, eval_prompts, eval_seeds, eval_reward_fns)
+            eval_metrics = {"epoch": epoch, **scores}
             if is_main:
                 _write_metrics(eval_path, eval_metrics)
-            accelerator.log({k: v for k, v in eval_metrics.items() if k != "epoch"}, step=epoch)
+                (run_dir / "eval").mkdir(exist_ok=True)
+                policy.write_outputs(eval_prompts, outputs_by_seed, run_dir / "eval" / f"epoch_{epoch:04d}")
+                _log_images(accelerator, "eval", outputs_by_seed[0], epoch)
+            accelerator.log(scores, step=epoch)
         if epoch == config.num_epochs:
             break
         start = time.time()

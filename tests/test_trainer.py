@@ -157,7 +157,7 @@ def test_held_out_eval_weighted_reward_components_and_kl_are_logged(tiny_lcm_pat
         "def red(images, prompts):\n    return images[:, 0].mean(dim=(1, 2))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "heldout.txt").write_text("a green cross\na purple circle\n")
-    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3, algorithm="rloo", kl_coef=0.5, **{
+    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3, algorithm="rloo", kl_coef=0.5, log_with="tensorboard", **{
         "rloo.k": 2, "reward.name": "two_rewards:bright:1.0,two_rewards:red:0.5",
         "eval.prompt_file": str(tmp_path / "heldout.txt"), "eval.every": 2, "eval.num_seeds": 2,
         "eval.rewards": "two_rewards:red"})
@@ -171,6 +171,12 @@ def test_held_out_eval_weighted_reward_components_and_kl_are_logged(tiny_lcm_pat
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals] == [0, 2, 3]  # before training, every 2 epochs, after the last
     assert all(0 <= e["eval_two_rewards:red"] <= 1 for e in evals)
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["epoch_0000.png", "epoch_0002.png", "epoch_0003.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("eval")] == [0, 2, 3]
+    assert [e.step for e in events.Scalars("eval_two_rewards:red")] == [0, 2, 3]
 
 
 def test_a_failing_reward_stops_the_run_naming_reward_epoch_and_prompt(tiny_lcm_path, tmp_path, monkeypatch):

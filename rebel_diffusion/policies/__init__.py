@@ -66,6 +66,11 @@ class Policy(Protocol):
         """Load weights written by `save_lora`; raise `ValueError` when they do not fit."""
         ...
 
+    def write_outputs(self, prompts: list[str], outputs_by_seed: list, path: Path) -> None:
+        """Write sampled outputs (one entry per seed, each as `sample(...).outputs`) to `path` without a suffix: a PNG
+        grid (rows = prompts, columns = seeds) for images, JSONL for text."""
+        ...
+
     def save_samples(self, prompts: list[str], seeds: list[int], path: Path | None) -> None:
         """Write samples of fixed prompts and seeds (a PNG grid, or JSONL for text) to `path` without a suffix; with
         `path` None, sample the same without writing (every process makes the same calls, one writes)."""

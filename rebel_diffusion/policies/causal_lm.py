@@ -342,12 +342,18 @@ class CausalLMPolicy:
     def save_samples(self, prompts: list[str], seeds: list[int], path: Path | None) -> None:
         """Write `path.jsonl`: one line `{"prompt", "seed", "response"}` per prompt and seed; with `path` None, sample
         the same without writing (every process makes the same calls, one writes)."""
-        lines = []
-        for seed in seeds:
-            trajectory = self.sample(prompts, generator=torch.Generator().manual_seed(seed))
-            lines += [json.dumps({"prompt": p, "seed": seed, "response": r}) for p, r in zip(prompts, trajectory.outputs)]
+        outputs = [self.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs for seed in seeds]
         if path is not None:
-            Path(path).with_suffix(".jsonl").write_text("\n".join(lines) + "\n")
+            self.write_outputs(prompts, outputs, path, seeds)
+
+    def write_outputs(self, prompts: list[str], outputs_by_seed: list[list[str]], path: Path,
+                      seeds: list[int] | None = None) -> None:
+        """`path.jsonl`: one line `{"prompt", "seed", "response"}` per prompt and seed (seeds numbered from 0 when
+        not given)."""
+        seeds = seeds if seeds is not None else list(range(len(outputs_by_seed)))
+        lines = [json.dumps({"prompt": p, "seed": seed, "response": r})
+                 for seed, outputs in zip(seeds, outputs_by_seed) for p, r in zip(prompts, outputs)]
+        Path(path).with_suffix(".jsonl").write_text("\n".join(lines) + "\n")
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Every prompt must leave room for `max_new_tokens` in the model's context."""

@@ -431,7 +431,11 @@ class LCMPolicy:
         """
         columns = [self.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs for seed in seeds]
         if path is not None:
-            save_image_grid(torch.stack(columns, dim=1), prompts, Path(path).with_suffix(".png"))
+            self.write_outputs(prompts, columns, path)
+
+    def write_outputs(self, prompts: list[str], outputs_by_seed: list[torch.Tensor], path: Path) -> None:
+        """A PNG grid at `path`.png: rows = prompts, columns = seeds."""
+        save_image_grid(torch.stack(outputs_by_seed, dim=1), prompts, Path(path).with_suffix(".png"))
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA weights in diffusers' format, ready for `save_lora_weights`."""
