@@ -39,14 +39,14 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from rebel_diffusion.trainer import ConfigError, NonFiniteError, RewardError, train
+    from rebel_diffusion.trainer import CheckpointError, ConfigError, NonFiniteError, RewardError, train
 
     try:
         train(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, RewardError) as e:
+    except (CheckpointError, NonFiniteError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

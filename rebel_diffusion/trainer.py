@@ -27,13 +27,14 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from ml_collections import ConfigDict
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
 from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
 from rebel_diffusion.model_card import write_model_card
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
+from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
 from rebel_diffusion.rewards import RewardSetupError, check_reward_name, make_reward_fn, reward_kind
 from rebel_diffusion.trajectory import Trajectory
 
@@ -47,6 +48,10 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """A reward or a gradient came back NaN or infinite; the run stops with its last checkpoint intact."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, permissions); the previous one is intact."""
 
 
 class RewardError(RuntimeError):
@@ -80,6 +85,25 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     """A run's finished checkpoints, oldest first (not the `.tmp`/`.old` folders of an interrupted write)."""
     folders = (run_dir / "checkpoints").glob("epoch_*")
     return sorted(p for p in folders if re.fullmatch(r"epoch_\d+", p.name) and (p / CHECKPOINT_FILE).is_file())
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Read every file of a checkpoint before any of it is loaded, so that a damaged file (a truncated optimizer state,
+    LoRA weights or stat tracker) stops the resume with one line instead of training from a half-loaded state."""
+    for file in sorted(checkpoint.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                load_file(file)
+            elif file.suffix in (".bin", ".pkl", ".pt"):
+                torch.load(file, map_location="cpu", weights_only=False)
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as e:  # every loader has its own error types; any of them means the file is unreadable
+            earlier = [c for c in complete_checkpoints(checkpoint.parent.parent) if c.name < checkpoint.name]
+            offer = (f"; resume from the previous one with --config.resume_from={earlier[-1]}" if earlier
+                     else "; no earlier checkpoint exists")
+            detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"checkpoint file {file} is damaged ({detail}){offer}") from None
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -137,7 +161,7 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
             "train.gradient_accumulation_steps, so that every optimizer step sees whole groups in whole micro-batches"
         )
     if config.resume_from:
-        find_checkpoint(config.resume_from)
+        verify_checkpoint(find_checkpoint(config.resume_from))
     if config.eval.prompt_file:
         if config.eval.every < 1 or config.eval.num_seeds < 1:
             raise ConfigError("eval.every and eval.num_seeds must be at least 1 when eval.prompt_file is set")
@@ -195,12 +219,22 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if config is not None:
+                write_model_card(tmp, config.to_dict(), metrics)
+            (tmp / CHECKPOINT_FILE).write_text(json.dumps(progress.state_dict()))
+    except OSError as e:
+        # A half-written folder keeps its .tmp name, which resume never takes for a checkpoint; free its space.
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(run_dir)
+        free = shutil.disk_usage(run_dir).free / 2**20
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; {free:.0f} MiB free on that "
+                              f"disk; {kept}") from None
     if accelerator.is_main_process:
-        if config is not None:
-            write_model_card(tmp, config.to_dict(), metrics)
-        (tmp / CHECKPOINT_FILE).write_text(json.dumps(progress.state_dict()))
         if final.exists():
             old = final.with_name(final.name + ".old")
             os.replace(final, old)

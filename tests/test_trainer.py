@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -127,6 +128,48 @@ def test_crash_while_checkpointing_keeps_the_last_good_checkpoint(tiny_lcm_path,
     config.resume_from = str(tmp_path / "run")
     train(config)  # resumes from epoch 1 and rewrites epochs 1 and 2 once each
     assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [0, 1, 2]
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tiny_lcm_path, tmp_path, monkeypatch):
+    import errno
+
+    original = trainer.Accelerator.save_state
+    calls = []
+
+    def disk_full(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the second checkpoint runs out of space half-way
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            Path(output_dir, "optimizer.bin").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(trainer.Accelerator, "save_state", disk_full)
+    with pytest.raises(trainer.CheckpointError, match=r"cannot write checkpoint .*epoch_0002: No space left on device; "
+                                                      r"\d+ MiB free on that disk; the previous checkpoint .*epoch_0001 "
+                                                      r"is intact"):
+        train(tiny_config(tiny_lcm_path, tmp_path, num_epochs=3))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0001"]  # no half-written folder left
+    trainer.verify_checkpoint(checkpoints / "epoch_0001")  # loadable
+
+
+@pytest.fixture(scope="module")
+def two_checkpoint_run(tiny_lcm_path, tmp_path_factory) -> Path:
+    return train(tiny_config(tiny_lcm_path, tmp_path_factory.mktemp("two"), num_epochs=2, **{"grid.num_prompts": 0}))
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.bin", "pytorch_lora_weights.safetensors", "custom_checkpoint_0.pkl"])
+def test_a_damaged_checkpoint_file_is_named_and_the_previous_checkpoint_offered(two_checkpoint_run, tiny_lcm_path,
+                                                                                tmp_path, damaged):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoint_run, run_dir)
+    file = run_dir / "checkpoints" / "epoch_0002" / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3, resume_from=str(run_dir))
+    with pytest.raises(ConfigError, match=rf"checkpoint file .*epoch_0002/{damaged} is damaged .*"
+                                          rf"--config.resume_from=.*epoch_0001$"):
+        validate_config(config)
 
 
 def test_non_finite_reward_stops_the_run_naming_epoch_and_prompt(tiny_lcm_path, tmp_path, monkeypatch):
