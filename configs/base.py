@@ -51,6 +51,8 @@ def get_config() -> ConfigDict:
     config.sample = ConfigDict()
     config.sample.batch_size = 8  # prompts per sampling batch per process; each is sampled k times (a group)
     config.sample.num_batches_per_epoch = 10
+    config.sample.decode_batch_size = 4  # images per VAE decode call: bounds decoder memory at 768 px
+    config.sample.overlap_reward = True  # score batch i in a worker thread while batch i+1 samples (same results)
 
     config.train = ConfigDict()
     config.train.batch_size = 1  # per process: groups (REBEL/DPO pairs, PPO samples, RLOO/GRPO groups) per micro-batch
@@ -59,6 +61,7 @@ def get_config() -> ConfigDict:
     config.train.lr_schedule = "constant"  # any diffusers.optimization schedule name
     config.train.lr_warmup_steps = 0
     config.train.num_inner_epochs = 1
+    config.train.gradient_checkpointing = False  # recompute UNet activations in backward: less memory, more time
     config.train.max_grad_norm = 5.0
     config.train.adam_beta1 = 0.9
     config.train.adam_beta2 = 0.999

@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -367,6 +368,19 @@ def pair_loss_gradients(accelerator: Accelerator, policy: Policy, algorithm: Alg
     return {"loss": torch.stack(losses).mean()}
 
 
+def _score(reward_fn: Callable, trajectory: Trajectory, name: str, epoch: int,
+           kept: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A batch's rewards `(B,)` float32 and, for a weighted reward, its components; any failure of the reward becomes
+    one `RewardError` line naming the reward, the epoch and the batch's first prompt."""
+    try:
+        rewards = reward_fn(trajectory.outputs, trajectory.prompts).float()
+    except Exception as e:  # any failure of user code; reported as one line, the last checkpoint is intact
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RewardError(f"epoch {epoch}: reward {name!r} failed on the batch whose first prompt is "
+                          f"{trajectory.prompts[0]!r}: {detail}; stopped, {kept}") from e
+    return rewards, dict(getattr(reward_fn, "last_components", {}))
+
+
 def _trajectory_kl(policy: Policy, samples: Trajectory, num: int) -> torch.Tensor:
     """Each trajectory's KL to the base model, `sum_t KL_t` `(B,)`: from sampling when recorded, else computed on the
     first `num` trajectories only (a logging estimate that costs a few forward passes, not a pass per step)."""
@@ -483,28 +497,41 @@ def train(config: ConfigDict) -> Path:
         if epoch == config.num_epochs:
             break
         start = time.time()
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
 
         # Sampling: k trajectories per prompt, stored group-major (sample j of group g at g * k + j). The networks stay
         # in eval mode throughout: dropout would make an unchanged policy's ratio differ from 1.
         batches, components = [], defaultdict(list)
-        for _ in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling", disable=not is_main):
-            batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
-            trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
-            try:
-                trajectory.rewards = reward_fn(trajectory.outputs, trajectory.prompts).float().to(accelerator.device)
-            except Exception as e:  # any failure of user code; reported as one line, the last checkpoint is intact
-                kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise RewardError(f"epoch {epoch}: reward {config.reward.name!r} failed on the batch whose first prompt is "
-                                  f"{batch_prompts[0]!r}: {detail}; stopped, {kept}") from e
-            for name, scores in getattr(reward_fn, "last_components", {}).items():
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+
+        def keep(trajectory: Trajectory, scored: Future) -> None:
+            """Attach a sampled batch's rewards, drop its outputs and store it group-major (sample j of group g at
+            g * k + j)."""
+            rewards, parts = scored.result()
+            trajectory.rewards = rewards.to(accelerator.device)
+            for name, scores in parts.items():
                 components[name].append(scores.float().to(accelerator.device))
             if trajectory.truncated is not None and config.reward.missing_eos_penalty is not None:
                 penalty = torch.tensor(float(config.reward.missing_eos_penalty), device=accelerator.device)
                 trajectory.rewards = torch.where(trajectory.truncated.to(accelerator.device), penalty, trajectory.rewards)
             trajectory.outputs = None  # outputs are not needed past the reward; free their memory
-            group_major = torch.arange(len(trajectory)).reshape(k, -1).T.flatten()
-            batches.append(trajectory[group_major])
+            batches.append(trajectory[torch.arange(len(trajectory)).reshape(k, -1).T.flatten()])
+
+        # Batch i is scored in a worker thread while batch i+1 samples; the rewards are the same as in sequence.
+        with ThreadPoolExecutor(max_workers=1) as scorer:
+            pending = None
+            for _ in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
+                          disable=not is_main):
+                batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
+                trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
+                scored = scorer.submit(_score, reward_fn, trajectory, config.reward.name, epoch, kept)
+                if not config.sample.overlap_reward:
+                    scored.result()
+                if pending is not None:
+                    keep(*pending)
+                pending = (trajectory, scored)
+            keep(*pending)
         samples = Trajectory.cat(batches)
 
         # Rewards of all processes feed one computation of targets, identical on every process; each keeps its rows.
@@ -574,6 +601,8 @@ def train(config: ConfigDict) -> Path:
             metrics["kl"] = float(np.mean(all_kl))
         if shape_reward_with_kl:
             metrics["reward_shaped_mean"] = float(shaped.mean())
+        if accelerator.device.type == "cuda":  # what the epoch needed at most: the number to size a GPU by
+            metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
         metrics["seconds"] = time.time() - start
         if is_main:
             _write_metrics(metrics_path, metrics)

@@ -45,6 +45,16 @@ def tiny_config(model: Path, logdir: Path, **overrides):
     return config
 
 
+def launch_two_processes(script: Path) -> None:
+    """Run `script` as two CPU processes (gloo) with accelerate launch; fail with its stderr if it fails."""
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -305,13 +315,7 @@ def test_two_processes_end_with_identical_lora_weights_for_a_group_algorithm(tin
         trainer.train(tiny_config({str(tiny_lcm_path)!r}, {str(tmp_path)!r}, num_epochs=1, algorithm="grpo",
                                   **{{"grpo.k": 2, "grpo.clip_range": 0.1}}))
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(script)
     rank0, rank1 = (torch.load(tmp_path / "run" / f"rank{i}.pt") for i in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
@@ -344,13 +348,7 @@ def test_two_process_pair_gradients_equal_one_process_on_the_concatenated_batch(
                                         get_config())
         torch.save([p.grad for p in policy.trainable_parameters()], {str(tmp_path)!r} + f"/grad{{rank}}.pt")
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(script)
     from accelerate import Accelerator
 
     policy, batch, targets = _policy_and_pairs(tiny_lcm_path, 4)
@@ -561,3 +559,15 @@ def test_every_algorithms_loss_on_text_trajectories_equals_a_hand_computation(na
         stats = trainer.step_loss_gradients(accelerator, policy, algorithm, batch, targets, config, 1)
     assert stats["loss"].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
+
+
+def test_scoring_rewards_beside_sampling_gives_the_sequential_results(tiny_lcm_path, tmp_path, monkeypatch):
+    (tmp_path / "slow_reward.py").write_text("import time\ndef reward(images, prompts):\n    time.sleep(0.05)\n"
+                                             "    return images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runs = {}
+    for overlap in (True, False):
+        config = tiny_config(tiny_lcm_path, tmp_path / str(overlap), num_epochs=2, **{
+            "reward.name": "slow_reward:reward", "sample.overlap_reward": overlap, "grid.num_prompts": 0})
+        runs[overlap] = [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(train(config))]
+    assert runs[True] == runs[False]
