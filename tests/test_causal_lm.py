@@ -249,7 +249,7 @@ def test_from_config_on_the_shipped_tiny_lm() -> None:
     assert time.perf_counter() - start < 1.0
     torch.testing.assert_close(policy.log_prob(trajectory, range(0, 4))[0], trajectory.log_probs, atol=1e-5, rtol=0)
 
-    # Mediocre at addition: room for RL.
-    trajectory = policy.sample(prompts)
+    # Mediocre at addition: room for RL (a fixed 200-prompt subset keeps the test fast).
+    trajectory = policy.sample(prompts[:200])
     accuracy = make_reward_fn("addition_exact")(trajectory.outputs, trajectory.prompts).mean().item()
     assert 0.25 < accuracy < 0.65
