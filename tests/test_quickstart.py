@@ -1,4 +1,4 @@
-"""The two quickstart runs, exactly as a new user launches them: they must finish in 5 minutes and visibly learn."""
+"""The quickstart runs, exactly as a new user launches them: each must finish in 5 minutes and visibly learn."""
 
 import json
 import os
@@ -12,25 +12,51 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", ["configs/quickstart_rebel.py", "configs/quickstart_ppo.py"])
-def test_quickstart_learns_within_five_minutes(config, tmp_path):
+def launch(config: str, run_dir: Path) -> float:
     start = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--config", config,
-         f"--config.logdir={tmp_path}", "--config.run_name=quickstart"],
+         f"--config.logdir={run_dir.parent}", f"--config.run_name={run_dir.name}"],
         cwd=REPO, env={**os.environ}, capture_output=True, text=True, timeout=900,
     )
-    wall = time.time() - start
     assert result.returncode == 0, result.stderr[-3000:]
+    return time.time() - start
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/quickstart_rebel.py", "configs/quickstart_ppo.py"])
+def test_image_quickstart_learns_the_weak_shapes_within_five_minutes(config, tmp_path):
     run_dir = tmp_path / "quickstart"
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    first, last3 = metrics[0], metrics[-3:]
-    last_mean = sum(m["reward_mean"] for m in last3) / 3
-    print(f"{config}: wall {wall:.0f} s, first epoch {first['reward_mean']:.4f} +- {first['reward_std']:.4f}, "
-          f"last 3 epochs {last_mean:.4f}")
+    wall = launch(config, run_dir)
+    metrics, evals = read(run_dir / "metrics.jsonl"), read(run_dir / "eval.jsonl")
+    first, last3 = metrics[0]["reward_mean"], sum(m["reward_mean"] for m in metrics[-3:]) / 3
+    before, after = evals[0], evals[-1]
+    print(f"{config}: wall {wall:.0f} s, shape_fidelity first epoch {first:.3f}, last 3 epochs {last3:.3f}; held-out "
+          f"accuracy {before['eval_shape_accuracy']:.3f} -> {after['eval_shape_accuracy']:.3f}")
     assert wall < 300
-    assert last_mean - first["reward_mean"] > first["reward_std"]
-    for png in ("grid_first.png", "grid_last.png", "learning_curve.png"):
+    assert last3 > first + 0.02
+    assert after["eval_shape_fidelity"] > before["eval_shape_fidelity"]
+    assert after["eval_shape_accuracy"] >= before["eval_shape_accuracy"]
+    for png in ("grid_first.png", "grid_last.png", "learning_curve.png", "eval/epoch_0000.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/quickstart_text_rebel.py", "configs/quickstart_text_ppo.py"])
+def test_text_quickstart_raises_the_success_rate_by_15_points(config, tmp_path):
+    run_dir = tmp_path / "quickstart_text"
+    wall = launch(config, run_dir)
+    metrics, evals = read(run_dir / "metrics.jsonl"), read(run_dir / "eval.jsonl")
+    first, last3 = metrics[0]["reward_mean"], sum(m["reward_mean"] for m in metrics[-3:]) / 3
+    before, after = evals[0]["eval_addition_exact"], evals[-1]["eval_addition_exact"]
+    print(f"{config}: wall {wall:.0f} s, success first epoch {first:.3f}, last 3 epochs {last3:.3f}; held-out "
+          f"{before:.3f} -> {after:.3f}")
+    assert wall < 300
+    assert last3 - first >= 0.15 and after - before >= 0.15
+    lines = read(run_dir / "grid_last.jsonl")
+    assert lines and all({"prompt", "seed", "response"} <= set(line) for line in lines)

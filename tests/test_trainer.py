@@ -306,11 +306,11 @@ def test_two_processes_end_with_identical_lora_weights_for_a_group_algorithm(tin
         from test_trainer import tiny_config
 
         original = trainer.save_checkpoint
-        def save_and_dump(accelerator, run_dir, progress, keep):
+        def save_and_dump(accelerator, run_dir, progress, keep, *card):
             unet = accelerator.unwrap_model(accelerator._models[0])
             weights = {{n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}}
             torch.save(weights, run_dir / f"rank{{accelerator.process_index}}.pt")
-            return original(accelerator, run_dir, progress, keep)
+            return original(accelerator, run_dir, progress, keep, *card)
         trainer.save_checkpoint = save_and_dump
         trainer.train(tiny_config({str(tiny_lcm_path)!r}, {str(tmp_path)!r}, num_epochs=1, algorithm="grpo",
                                   **{{"grpo.k": 2, "grpo.clip_range": 0.1}}))
