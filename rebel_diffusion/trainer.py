@@ -539,7 +539,6 @@ def train(config: ConfigDict) -> Path:
         all_prompts = gather_object(samples.prompts)[::k]
         bad = np.flatnonzero(~np.isfinite(all_rewards.reshape(-1)))
         if bad.size:
-            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
             raise NonFiniteError(f"epoch {epoch}: reward {all_rewards.reshape(-1)[bad[0]]} for prompt "
                                  f"{all_prompts[bad[0] // k]!r}; stopped, {kept}")
         with torch.no_grad():
@@ -574,9 +573,8 @@ def train(config: ConfigDict) -> Path:
                         grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), config.train.max_grad_norm)
                         # fp16's loss scaler skips overflowing steps by itself; elsewhere a NaN would reach the weights.
                         if config.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
-                            kept = last_checkpoint or "none was written yet"
                             raise NonFiniteError(f"epoch {epoch}: gradient norm {grad_norm.item()}; stopped before the "
-                                                 f"update, the last good checkpoint is {kept}")
+                                                 f"update, {kept}")
                         info["grad_norm"].append(grad_norm.detach().float().cpu())
                         progress.optimizer_steps += 1
                     optimizer.step()
@@ -591,8 +589,8 @@ def train(config: ConfigDict) -> Path:
             "reward_queries": progress.reward_queries,
             "optimizer_steps": progress.optimizer_steps,
             "lr": lr_scheduler.get_last_lr()[0],
-            **{k: accelerator.reduce(torch.stack(v).mean().to(accelerator.device), "mean").item()
-               for k, v in info.items()},
+            **{key: accelerator.reduce(torch.stack(values).mean().to(accelerator.device), "mean").item()
+               for key, values in info.items()},
         }
         if len(components) > 1:
             for name, scores in components.items():
