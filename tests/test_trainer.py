@@ -571,3 +571,73 @@ def test_scoring_rewards_beside_sampling_gives_the_sequential_results(tiny_lcm_p
             "reward.name": "slow_reward:reward", "sample.overlap_reward": overlap, "grid.num_prompts": 0})
         runs[overlap] = [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(train(config))]
     assert runs[True] == runs[False]
+
+
+def text_config(logdir: Path, **overrides):
+    """The text quickstart, cut to a few seconds: the shipped tiny addition LM, 2 epochs of 8 prompts."""
+    from configs.quickstart_text_rebel import get_config as text_quickstart
+
+    config = text_quickstart()
+    config.model.pretrained = str(REPO / "assets" / "tiny-lm")
+    config.prompt_file = str(REPO / "assets" / "addition_train_prompts.txt")
+    config.eval.prompt_file = ""
+    config.logdir, config.run_name, config.log_with = str(logdir), "run", ""
+    config.num_epochs, config.save_freq = 2, 1
+    config.sample.batch_size, config.sample.num_batches_per_epoch = 4, 2
+    config.train.batch_size, config.train.gradient_accumulation_steps = 2, 2
+    config.grid.num_prompts = 2
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def test_text_resume_reproduces_an_uninterrupted_run(tmp_path):
+    straight = train(text_config(tmp_path / "a", num_epochs=4, save_freq=2))
+    first = train(text_config(tmp_path / "b", num_epochs=2, save_freq=2))
+    resumed = train(text_config(tmp_path / "b", num_epochs=4, save_freq=2, run_name="", resume_from=str(first)))
+
+    def strip(metrics):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+    assert strip(read_metrics(resumed)) == strip(read_metrics(straight))
+    a = load_file(straight / "checkpoints" / "epoch_0004" / "adapter_model.safetensors")
+    b = load_file(resumed / "checkpoints" / "epoch_0004" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "grid_last.jsonl").read_text() == (resumed / "grid_last.jsonl").read_text()
+
+
+def test_two_text_processes_end_with_identical_weights(tmp_path):
+    script = tmp_path / "text_ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import rebel_diffusion.trainer as trainer
+        from test_trainer import text_config
+
+        original = trainer.save_checkpoint
+        def save_and_dump(accelerator, run_dir, progress, keep, *card):
+            model = accelerator.unwrap_model(accelerator._models[0])
+            weights = {{n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+            torch.save(weights, run_dir / f"rank{{accelerator.process_index}}.pt")
+            return original(accelerator, run_dir, progress, keep, *card)
+        trainer.save_checkpoint = save_and_dump
+        trainer.train(text_config({str(tmp_path)!r}, num_epochs=1))
+    """))
+    launch_two_processes(script)
+    rank0, rank1 = (torch.load(tmp_path / "run" / f"rank{i}.pt") for i in (0, 1))
+    assert rank0.keys() == rank1.keys() and rank0
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(rank0[k].abs().sum() > 0 for k in rank0 if "lora_B" in k), "no update happened"
+
+
+def test_a_prompt_longer_than_the_context_is_rejected_before_training(tmp_path):
+    (tmp_path / "long.txt").write_text("1+2=\n" + "9" * 5000 + "+1=\n")
+    with pytest.raises(ConfigError, match=r"prompt_file: prompt '9999.*' has \d+ tokens; the model's context of \d+ "
+                                          r"minus max_new_tokens=4"):
+        train(text_config(tmp_path, prompt_file=str(tmp_path / "long.txt")))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
