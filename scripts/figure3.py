@@ -74,7 +74,9 @@ def heldout_table(logdir: Path, algorithms: list[str], seeds: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1 (with --first-seed, a part of them)")
+    parser.add_argument("--first-seed", type=int, default=0, help="run only seeds from this one on: a sweep split "
+                        "across machines or processes; the comparison reads every run in --logdir")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each on one thread)")
     parser.add_argument("--logdir", type=Path, default=Path("runs/figure3"))
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logdir = args.logdir.resolve()
     num_epochs = _quickstart_epochs()
-    jobs = [(a, s) for s in range(args.seeds) for a in args.algorithms]
+    jobs = [(a, s) for s in range(args.first_seed, args.seeds) for a in args.algorithms]
     with ThreadPoolExecutor(args.jobs) as pool:
         failures = [r for r in pool.map(lambda job: run_one(*job, logdir, num_epochs), jobs) if r[2]]
     if failures:

@@ -641,3 +641,15 @@ def test_a_prompt_longer_than_the_context_is_rejected_before_training(tmp_path):
                                           r"minus max_new_tokens=4"):
         train(text_config(tmp_path, prompt_file=str(tmp_path / "long.txt")))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_response_without_eos_gets_the_missing_eos_penalty(tmp_path, monkeypatch):
+    (tmp_path / "always_one.py").write_text("import torch\ndef reward(responses, prompts):\n"
+                                            "    return torch.ones(len(responses))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # One new token: the answer's first digit, never an EOS, so every response is cut by the length limit.
+    config = text_config(tmp_path, num_epochs=1, **{"model.max_new_tokens": 1, "reward.name": "always_one:reward",
+                                                    "reward.missing_eos_penalty": -1.0})
+    assert read_metrics(train(config))[0]["reward_mean"] == -1.0
+    config = text_config(tmp_path / "b", num_epochs=1, **{"model.max_new_tokens": 1, "reward.name": "always_one:reward"})
+    assert read_metrics(train(config))[0]["reward_mean"] == 1.0
