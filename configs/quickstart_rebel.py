@@ -17,8 +17,8 @@ def get_config() -> ConfigDict:
     config.prompt_file = "assets/quickstart_prompts.txt"
     config.resolution = 32
     config.reward.name = "shape_fidelity"
-    config.num_epochs = 16
-    config.save_freq = 16
+    config.num_epochs = 24
+    config.save_freq = 24
     config.sample.batch_size = 6  # x 2 batches x 2 samples per prompt = 24 reward queries per epoch
     config.sample.num_batches_per_epoch = 2
     config.train.batch_size = 4  # pairs per micro-batch: 12 pairs = 3 optimizer steps per epoch
