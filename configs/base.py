@@ -21,6 +21,8 @@ def get_config() -> ConfigDict:
     config.mixed_precision = "no"  # "no", "fp16" or "bf16"; frozen weights in that dtype, LoRA weights in fp32
     config.log_with = "tensorboard"  # any accelerate tracker name, or "" for metrics.jsonl only
     config.prompt_file = "assets/prompts.txt"  # one prompt per line
+    # How long a collective waits for a process that stopped without a word (killed, out of memory) before failing.
+    config.collective_timeout_s = 600
 
     config.model = ConfigDict()
     config.model.pretrained = "SimianLuo/LCM_Dreamshaper_v7"  # a Hub id or a local pipeline folder

@@ -37,6 +37,7 @@ from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
 from rebel_diffusion.rewards import RewardSetupError, check_reward_name, make_reward_fn, reward_kind
+from rebel_diffusion.stop_together import stop_together
 from rebel_diffusion.trajectory import Trajectory
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -118,6 +119,14 @@ def find_checkpoint(path: str | Path) -> Path:
     return complete[-1]
 
 
+def resume_checkpoint(path: str | Path) -> Path | None:
+    """What `resume_from` resumes: a checkpoint, or the latest complete one of a run folder; None for a run folder
+    stopped before its first checkpoint was complete, which then starts over from epoch 0 in the same folder."""
+    if (Path(path) / "config.json").is_file() and not complete_checkpoints(Path(path)):
+        return None
+    return find_checkpoint(path)
+
+
 def _get(config: ConfigDict, key: str) -> Any:
     value = config
     for part in key.split("."):
@@ -161,8 +170,8 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
             f"{algorithm.group_size(config)} samples) must be a multiple of train.batch_size * "
             "train.gradient_accumulation_steps, so that every optimizer step sees whole groups in whole micro-batches"
         )
-    if config.resume_from:
-        verify_checkpoint(find_checkpoint(config.resume_from))
+    if config.resume_from and (checkpoint := resume_checkpoint(config.resume_from)) is not None:
+        verify_checkpoint(checkpoint)
     if config.eval.prompt_file:
         if config.eval.every < 1 or config.eval.num_seeds < 1:
             raise ConfigError("eval.every and eval.num_seeds must be at least 1 when eval.prompt_file is set")
@@ -183,8 +192,8 @@ def _eval_reward_names(config: ConfigDict) -> list[str]:
 def _run_dir(config: ConfigDict, checkpoint: Path | None) -> Path:
     """<logdir>/<run_name>; a resumed run without a run_name continues in its own folder."""
     name = config.run_name
-    if not name and checkpoint is not None:
-        return checkpoint.parent.parent
+    if not name and config.resume_from:
+        return checkpoint.parent.parent if checkpoint is not None else Path(config.resume_from)
     if not name:
         stamp = [datetime.datetime.now().strftime("%Y%m%d_%H%M%S")]
         broadcast_object_list(stamp)  # every process must agree on the folder
@@ -208,6 +217,16 @@ def _lora_hooks(accelerator: Accelerator, policy: Policy) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder`, and the folder itself, to the disk."""
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_file()), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep: int,
                     config: ConfigDict | None = None, metrics: dict[str, Any] | None = None) -> Path:
     """Write the full training state to `checkpoints/epoch_NNNN` atomically: into a temporary folder, then renamed.
@@ -217,8 +236,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
     """
     final = run_dir / "checkpoints" / f"epoch_{progress.epoch:04d}"
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:  # what a killed run left half-written or half-deleted: epoch_NNNN.tmp/.old
+        for leftover in final.parent.glob("epoch_*.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
@@ -227,6 +247,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
             if config is not None:
                 write_model_card(tmp, config.to_dict(), metrics)
             (tmp / CHECKPOINT_FILE).write_text(json.dumps(progress.state_dict()))
+            _fsync_tree(tmp)  # on disk before the rename makes it the checkpoint, even if the machine goes down
     except OSError as e:
         # A half-written folder keeps its .tmp name, which resume never takes for a checkpoint; free its space.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -244,7 +265,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
         else:
             os.replace(tmp, final)
         for stale in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(stale)
+            old = stale.with_name(stale.name + ".old")  # renamed first: a half-deleted folder is never taken for one
+            os.replace(stale, old)
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -265,11 +288,28 @@ def _write_metrics(path: Path, metrics: dict[str, Any]) -> None:
         f.write(json.dumps(metrics) + "\n")
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace a file's content so that a crash leaves either the old or the new content, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def _truncate_metrics(path: Path, first_epoch: int) -> None:
-    """Drop lines logged after the checkpoint we resume from, so the file holds each epoch once."""
+    """Drop lines logged after the checkpoint we resume from, so the file holds each epoch once, and a line cut short
+    by a crash."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < first_epoch]
-        path.write_text("".join(line + "\n" for line in lines))
+        lines = [line for line in path.read_text().splitlines()
+                 if line and _parses(line) and json.loads(line)["epoch"] < first_epoch]
+        _write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _log_images(accelerator: Accelerator, tag: str, outputs: Any, step: int) -> None:
@@ -407,11 +447,20 @@ def evaluate(policy: Policy, prompts: list[str], seeds: list[int],
 
 
 def train(config: ConfigDict) -> Path:
-    """Run (or resume) one training run; returns its folder."""
-    prompt_pool, algorithm = validate_config(config)
-    last_checkpoint = find_checkpoint(config.resume_from) if config.resume_from else None
+    """Run (or resume) one training run; returns its folder. An error on any process stops every process."""
+    if not config.collective_timeout_s > 0:
+        raise ConfigError(f"collective_timeout_s must be positive, got {config.collective_timeout_s}")
+    # A collective waits at most collective_timeout_s for a process that died without a word (killed, out of memory).
+    PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=config.collective_timeout_s))
+    with stop_together():  # the checks too: a model or prompt file may be missing on one machine only
+        prompt_pool, algorithm = validate_config(config)
+        return _train(config, prompt_pool, algorithm)
+
+
+def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> Path:
+    """The run itself: setup, then one epoch after another, top to bottom."""
+    last_checkpoint = resume_checkpoint(config.resume_from) if config.resume_from else None
     # The processes agree on the run folder first: trackers write to <project_dir>/<run_name>.
-    PartialState(cpu=not torch.cuda.is_available())
     run_dir = _run_dir(config, last_checkpoint)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -425,6 +474,8 @@ def train(config: ConfigDict) -> Path:
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; resume it with "
                           f"--config.resume_from={run_dir} or choose another run_name")
     is_main = accelerator.is_main_process
+    if config.resume_from and last_checkpoint is None:
+        accelerator.print(f"{run_dir} has no complete checkpoint yet: the run starts over from epoch 0")
     set_seed(config.seed, device_specific=True)
 
     dtype = DTYPES[config.mixed_precision]
@@ -474,7 +525,7 @@ def train(config: ConfigDict) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, progress.epoch)
         _truncate_metrics(eval_path, progress.epoch)
-        (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        _write_atomic(run_dir / "config.json", config.to_json_best_effort(indent=2))
     accelerator.init_trackers(run_dir.name, config=_flat_hparams(config.to_dict()))
     grid_prompts = list(dict.fromkeys(prompt_pool))[: config.grid.num_prompts]
     grid_seeds = [config.grid.seed + j for j in range(config.grid.num_seeds)]

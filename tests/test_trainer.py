@@ -2,6 +2,8 @@ import dataclasses
 import json
 import shutil
 import os
+import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +19,20 @@ from configs.base import get_config
 from rebel_diffusion.algorithms import ALGORITHMS
 from rebel_diffusion.trainer import ConfigError, NonFiniteError, train, validate_config
 
+from processes import launch_two_processes, write_script, write_weights_dump_script
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def override(config, overrides: dict):
+    """Set dotted keys ("train.batch_size") of a config."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
 
 
 def tiny_config(model: Path, logdir: Path, **overrides):
@@ -36,23 +51,7 @@ def tiny_config(model: Path, logdir: Path, **overrides):
     config.stat_tracker.min_count = 2
     config.grid.num_prompts = 2
     config.grid.num_seeds = 2
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
-
-
-def launch_two_processes(script: Path) -> None:
-    """Run `script` as two CPU processes (gloo) with accelerate launch; fail with its stderr if it fails."""
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    return override(config, overrides)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -109,6 +108,25 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_lcm_path, tmp_path):
     a = load_file(straight / "checkpoints" / "epoch_0004" / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "checkpoints" / "epoch_0004" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_drops_metrics_lines_past_the_checkpoint_and_a_line_cut_by_a_crash(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3, "rew')
+    trainer._truncate_metrics(path, 2)
+    assert path.read_text() == '{"epoch": 0}\n{"epoch": 1}\n'
+    path.write_text('{"epoch": 0}\n{"epo')
+    trainer._truncate_metrics(path, 5)
+    assert path.read_text() == '{"epoch": 0}\n'
+
+
+def test_a_run_folder_stopped_before_its_first_checkpoint_starts_over(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "epoch_0001.tmp").mkdir(parents=True)  # killed while writing its first checkpoint
+    with pytest.raises(ConfigError, match="neither a checkpoint nor a run folder"):
+        trainer.resume_checkpoint(run)  # not a run folder: no config.json
+    (run / "config.json").write_text("{}")
+    assert trainer.resume_checkpoint(run) is None
 
 
 def test_crash_while_checkpointing_keeps_the_last_good_checkpoint(tiny_lcm_path, tmp_path, monkeypatch):
@@ -297,24 +315,8 @@ def test_empty_prompt_file_and_existing_run_folder(tiny_lcm_path, tmp_path):
 def test_two_processes_end_with_identical_lora_weights_for_a_group_algorithm(tiny_lcm_path, tmp_path):
     # Each rank dumps its own LoRA weights after training; DDP must have kept them in sync. GRPO: groups of 2 samples,
     # a step loss whose non-final backward passes skip DDP's all-reduce.
-    script = tmp_path / "two_ranks.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(REPO)!r})
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import rebel_diffusion.trainer as trainer
-        from test_trainer import tiny_config
-
-        original = trainer.save_checkpoint
-        def save_and_dump(accelerator, run_dir, progress, keep, *card):
-            unet = accelerator.unwrap_model(accelerator._models[0])
-            weights = {{n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}}
-            torch.save(weights, run_dir / f"rank{{accelerator.process_index}}.pt")
-            return original(accelerator, run_dir, progress, keep, *card)
-        trainer.save_checkpoint = save_and_dump
-        trainer.train(tiny_config({str(tiny_lcm_path)!r}, {str(tmp_path)!r}, num_epochs=1, algorithm="grpo",
-                                  **{{"grpo.k": 2, "grpo.clip_range": 0.1}}))
-    """))
+    script = write_weights_dump_script(tmp_path / "two_ranks.py", f"""trainer.train(tiny_config(
+        {str(tiny_lcm_path)!r}, {str(tmp_path)!r}, num_epochs=1, algorithm="grpo", **{{"grpo.k": 2, "grpo.clip_range": 0.1}}))""")
     launch_two_processes(script)
     rank0, rank1 = (torch.load(tmp_path / "run" / f"rank{i}.pt") for i in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0
@@ -327,11 +329,8 @@ def test_two_processes_end_with_identical_lora_weights_for_a_group_algorithm(tin
 def test_two_process_pair_gradients_equal_one_process_on_the_concatenated_batch(tiny_lcm_path, tmp_path):
     # DDP averages gradients at the sync backward; REBEL's per-pair scale must be in before it. Each rank takes half of
     # the same 4 pairs; the averaged gradient must equal one process's gradient on all 4.
-    script = tmp_path / "pair_ranks.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(REPO)!r})
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+    script = write_script(tmp_path / "pair_ranks.py", f"""
+        import torch
         from accelerate import Accelerator
         import rebel_diffusion.trainer as trainer
         from configs.base import get_config
@@ -347,7 +346,7 @@ def test_two_process_pair_gradients_equal_one_process_on_the_concatenated_batch(
             trainer.pair_loss_gradients(accelerator, policy, ALGORITHMS["rebel"], batch[half], targets[half],
                                         get_config())
         torch.save([p.grad for p in policy.trainable_parameters()], {str(tmp_path)!r} + f"/grad{{rank}}.pt")
-    """))
+    """)
     launch_two_processes(script)
     from accelerate import Accelerator
 
@@ -586,13 +585,7 @@ def text_config(logdir: Path, **overrides):
     config.sample.batch_size, config.sample.num_batches_per_epoch = 4, 2
     config.train.batch_size, config.train.gradient_accumulation_steps = 2, 2
     config.grid.num_prompts = 2
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 def test_text_resume_reproduces_an_uninterrupted_run(tmp_path):
@@ -611,23 +604,8 @@ def test_text_resume_reproduces_an_uninterrupted_run(tmp_path):
 
 
 def test_two_text_processes_end_with_identical_weights(tmp_path):
-    script = tmp_path / "text_ranks.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(REPO)!r})
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import rebel_diffusion.trainer as trainer
-        from test_trainer import text_config
-
-        original = trainer.save_checkpoint
-        def save_and_dump(accelerator, run_dir, progress, keep, *card):
-            model = accelerator.unwrap_model(accelerator._models[0])
-            weights = {{n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
-            torch.save(weights, run_dir / f"rank{{accelerator.process_index}}.pt")
-            return original(accelerator, run_dir, progress, keep, *card)
-        trainer.save_checkpoint = save_and_dump
-        trainer.train(text_config({str(tmp_path)!r}, num_epochs=1))
-    """))
+    script = write_weights_dump_script(tmp_path / "text_ranks.py",
+                                       f"trainer.train(text_config({str(tmp_path)!r}, num_epochs=1))")
     launch_two_processes(script)
     rank0, rank1 = (torch.load(tmp_path / "run" / f"rank{i}.pt") for i in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0
@@ -653,3 +631,49 @@ def test_a_response_without_eos_gets_the_missing_eos_penalty(tmp_path, monkeypat
     assert read_metrics(train(config))[0]["reward_mean"] == -1.0
     config = text_config(tmp_path / "b", num_epochs=1, **{"model.max_new_tokens": 1, "reward.name": "always_one:reward"})
     assert read_metrics(train(config))[0]["reward_mean"] == 1.0
+
+
+SOAK_RUNS = {
+    # REBEL on the image quickstart, 6 of its epochs; counts per epoch: ~30 forward passes without gradient, 84 with.
+    "image": (["--config", "configs/quickstart_rebel.py", "--config.num_epochs=6", "--config.eval.every=3"],
+              [("training", (90, 160)), ("sampling", (3, 25)), ("checkpoint", (2, 2)), ("training", (10, 160))]),
+    # PPO on the text quickstart, 8 of its epochs; per epoch 7 forward passes without gradient (37 in epoch 0, with
+    # the held-out evaluation), 4 with. The first kill comes before any checkpoint: the run folder starts over.
+    "text": (["--config", "configs/quickstart_text_ppo.py", "--config.num_epochs=8", "--config.eval.every=4"],
+             [("sampling", (20, 36)), ("training", (5, 12)), ("checkpoint", (1, 3)), ("sampling", (1, 14))]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(SOAK_RUNS))
+def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_result(kind, tmp_path):
+    config_args, kills = SOAK_RUNS[kind]
+    common = [*config_args, "--config.save_freq=1", f"--config.logdir={tmp_path}", "--config.log_with="]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    straight = run("train.py", *common, "--config.run_name=straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    rng = random.Random(f"soak-{kind}")
+    killed, resume = tmp_path / "killed", []
+    for phase, (low, high) in kills:
+        n = rng.randint(low, high)
+        result = run("tests/kill_at.py", phase, str(n), *common, "--config.run_name=killed", *resume)
+        assert result.returncode == -signal.SIGKILL, f"not killed at {phase} event {n}: {result.stderr[-2000:]}"
+        resume = [f"--config.resume_from={killed}"]
+    final = run("train.py", *common, "--config.run_name=killed", *resume)
+    assert final.returncode == 0, final.stderr[-3000:]
+
+    def strip(metrics):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+    assert strip(read_metrics(killed)) == strip(read_metrics(tmp_path / "straight"))
+    assert (killed / "eval.jsonl").read_text() == (tmp_path / "straight" / "eval.jsonl").read_text()
+    last = sorted((tmp_path / "straight" / "checkpoints").iterdir())[-1].name
+    for file in (tmp_path / "straight" / "checkpoints" / last).glob("*.safetensors"):
+        a, b = load_file(file), load_file(killed / "checkpoints" / last / file.name)
+        assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), file.name
+    assert all(trainer.complete_checkpoints(killed)[-1].parent == c.parent and "." not in c.name
+               for c in (killed / "checkpoints").iterdir()), "a half-written checkpoint folder was left behind"

@@ -20,6 +20,8 @@ The background named in the prompt is not scored: the heuristics take the border
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -80,27 +82,25 @@ def accuracy(image: np.ndarray, colour: str, shape: str) -> float:
     return float(shapes.classify_shape(image) == shape and shapes.dominant_colour(image) == colour)
 
 
+def _per_image(score: Callable[[np.ndarray, str, str], float], name: str) -> RewardFn:
+    """A reward that applies `score(image, colour, shape)` to each image and its parsed prompt."""
+
+    def reward_fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        parsed = _parse_prompts(prompts, len(images), name)
+        arrays = _as_hwc_arrays(images)
+        return torch.tensor([score(image, colour, shape) for image, (colour, shape, _) in zip(arrays, parsed)],
+                            dtype=torch.float32)
+
+    return reward_fn
+
+
 @register_reward("shape_fidelity", kind="image")
 def shape_fidelity(device=None, dtype=None) -> RewardFn:
     """How well each image shows its prompt's colour and shape, in [0, 1]; smooth, for training."""
-
-    def reward_fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        parsed = _parse_prompts(prompts, len(images), "shape_fidelity")
-        arrays = _as_hwc_arrays(images)
-        scores = [fidelity(image, colour, shape) for image, (colour, shape, _) in zip(arrays, parsed)]
-        return torch.tensor(scores, dtype=torch.float32)
-
-    return reward_fn
+    return _per_image(fidelity, "shape_fidelity")
 
 
 @register_reward("shape_accuracy", kind="image")
 def shape_accuracy(device=None, dtype=None) -> RewardFn:
     """1 where the image draws the prompted shape in the prompted colour, else 0; the held-out evaluation metric."""
-
-    def reward_fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        parsed = _parse_prompts(prompts, len(images), "shape_accuracy")
-        arrays = _as_hwc_arrays(images)
-        scores = [accuracy(image, colour, shape) for image, (colour, shape, _) in zip(arrays, parsed)]
-        return torch.tensor(scores, dtype=torch.float32)
-
-    return reward_fn
+    return _per_image(accuracy, "shape_accuracy")
