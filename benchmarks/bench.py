@@ -38,7 +38,7 @@ from configs.base import get_config  # noqa: E402
 from rebel_diffusion.algorithms import ALGORITHMS  # noqa: E402
 from rebel_diffusion.policies.causal_lm import CausalLMPolicy  # noqa: E402
 from rebel_diffusion.policies.lcm import LCMPolicy, merged_lora, peak_memory_mb  # noqa: E402
-from rebel_diffusion.rewards import make_reward_fn  # noqa: E402
+from rebel_diffusion.rewards import make_reward_fn, register_reward  # noqa: E402
 from rebel_diffusion.tokenizer import build_clip_tokenizer  # noqa: E402
 from rebel_diffusion.trainer import pair_loss_gradients, step_loss_gradients, train  # noqa: E402
 from rebel_diffusion.trajectory import Trajectory  # noqa: E402
@@ -405,6 +405,48 @@ def epoch_rows(policy: LCMPolicy, repeats: int, quick: bool) -> list[Row]:
              f"{ms(seconds)} / {ms(floor)}", "")]
 
 
+SERVER_LATENCY_S = 0.25  # a remote reward (a scoring server) or a GPU reward model that leaves the CPU free meanwhile
+
+
+@register_reward("bench_reward_server", kind="any")
+def _reward_server(device=None, dtype=None) -> Callable:
+    """JPEG compressibility, answered after a fixed latency, as a reward behind a network call would be."""
+    jpeg = make_reward_fn("jpeg_compressibility")
+
+    def reward_fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        time.sleep(SERVER_LATENCY_S)
+        return jpeg(images, prompts)
+
+    return reward_fn
+
+
+def overlap_rows(repeats: int, quick: bool) -> list[Row]:
+    """A 1-epoch REBEL run with a reward of fixed latency, scored beside sampling (`sample.overlap_reward`) against
+    in sequence; with n sampling batches the overlap can hide at most n - 1 of the n reward calls."""
+    with tempfile.TemporaryDirectory() as logdir:
+        runs: dict[bool, list[Path]] = {True: [], False: []}
+
+        def epoch(overlap: bool) -> Callable[[], None]:
+            def run() -> None:
+                config = epoch_config(Path(logdir), f"overlap{overlap}_{len(runs[overlap])}", quick)
+                config.reward.name = "bench_reward_server"
+                config.sample.num_batches_per_epoch = 2 if quick else 4
+                config.sample.overlap_reward = overlap
+                with contextlib.redirect_stdout(sys.stderr):
+                    runs[overlap].append(train(config))
+
+            return run
+
+        medians({"overlap": epoch(True), "sequence": epoch(False)}, repeats, torch.device("cpu"))
+        seconds = {overlap: statistics.median(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["seconds"]
+                                              for run in found[1:])
+                   for overlap, found in runs.items()}
+    batches = 2 if quick else 4
+    return [("tiny LCM", f"rebel epoch, reward scored beside sampling / in sequence ({batches} batches, reward latency "
+             f"{SERVER_LATENCY_S * 1e3:.0f} ms)", seconds[True] / seconds[False],
+             f"{ms(seconds[True])} / {ms(seconds[False])}", "< 1")]
+
+
 # ---- (e) the text sampler ----
 
 
@@ -484,6 +526,7 @@ def main(argv: list[str] | None = None) -> str:
     table.add(sampler_rows("tiny LCM", policy, pipeline, batch=2 if args.quick else 16, repeats=repeats))
     table.add(update_rows("tiny LCM", policy, accelerator, list(ALGORITHMS), repeats))
     table.add(epoch_rows(policy, repeats, args.quick))
+    table.add(overlap_rows(repeats, args.quick))
     table.add(text_rows(2 if args.quick else 32, repeats, device))
     # Horizon T = num_steps - 1 stochastic steps: T=8 against T=2.
     table.add(memory_rows("tiny LCM", {8: lora_policy(pipeline, 9, 32), 2: lora_policy(pipeline, 3, 32)}, accelerator))

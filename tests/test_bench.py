@@ -15,7 +15,8 @@ EXPECTED = [
     "`LCMPolicy.sample` / the pipeline with the same LoRA loaded",
     "rebel update / floor", "ppo update / floor", "rloo update / floor", "grpo update / floor",
     "online_dpo update / floor",
-    "rebel epoch",
+    "rebel epoch (",
+    "rebel epoch, reward scored beside sampling / in sequence",
     "`CausalLMPolicy.sample` / `model.generate`",
     "rebel update peak memory, horizon T=8 / T=2",
 ]
