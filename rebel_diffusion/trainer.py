@@ -119,10 +119,20 @@ def find_checkpoint(path: str | Path) -> Path:
     return complete[-1]
 
 
+def _is_run_folder(path: Path) -> bool:
+    """A folder `train` made: its config.json is a training config (a checkpoint of a fully fine-tuned model has a
+    config.json too, the model's)."""
+    try:
+        return {"algorithm", "policy", "reward"} <= json.loads((path / "config.json").read_text()).keys()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def resume_checkpoint(path: str | Path) -> Path | None:
     """What `resume_from` resumes: a checkpoint, or the latest complete one of a run folder; None for a run folder
     stopped before its first checkpoint was complete, which then starts over from epoch 0 in the same folder."""
-    if (Path(path) / "config.json").is_file() and not complete_checkpoints(Path(path)):
+    path = Path(path)
+    if not (path / CHECKPOINT_FILE).is_file() and _is_run_folder(path) and not complete_checkpoints(path):
         return None
     return find_checkpoint(path)
 
@@ -238,7 +248,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:  # what a killed run left half-written or half-deleted: epoch_NNNN.tmp/.old
         for leftover in final.parent.glob("epoch_*.*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if re.fullmatch(r"epoch_\d+\.(tmp|old)", leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
@@ -295,12 +306,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _parses(line: str) -> bool:
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics line; None for a line cut short by a crash."""
     try:
-        json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return True
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def _truncate_metrics(path: Path, first_epoch: int) -> None:
@@ -308,7 +319,7 @@ def _truncate_metrics(path: Path, first_epoch: int) -> None:
     by a crash."""
     if path.exists():
         lines = [line for line in path.read_text().splitlines()
-                 if line and _parses(line) and json.loads(line)["epoch"] < first_epoch]
+                 if (epoch := _epoch_of(line)) is not None and epoch < first_epoch]
         _write_atomic(path, "".join(line + "\n" for line in lines))
 
 
@@ -470,7 +481,10 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         project_dir=str(run_dir.parent),
     )
     metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
-    if not config.resume_from and metrics_path.exists():
+    # Only the run being resumed may already have metrics here: another run's would be truncated and mixed in.
+    resumed_dir = None if not config.resume_from else (
+        last_checkpoint.parent.parent if last_checkpoint is not None else Path(config.resume_from))
+    if metrics_path.exists() and (resumed_dir is None or resumed_dir.resolve() != run_dir.resolve()):
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; resume it with "
                           f"--config.resume_from={run_dir} or choose another run_name")
     is_main = accelerator.is_main_process

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -66,23 +67,30 @@ def start_ranks(argvs: list[list[str]], timeout: float, env: dict[str, str] | No
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     world = str(len(argvs))
-    start = time.monotonic()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                 "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-        )
-        for rank, argv in enumerate(argvs)
-    ]
-    ended = []
-    try:
-        for process in processes:
-            _, stderr = process.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
-            ended.append(Ended(process.returncode, stderr, time.monotonic() - start))
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"a rank was still running {timeout:.0f} s after the start") from None
-    finally:
-        for process in processes:
-            process.kill()
-    return ended
+    with tempfile.TemporaryDirectory() as logs:
+        stderr_paths = [Path(logs) / f"rank{rank}.err" for rank in range(len(argvs))]
+        start = time.monotonic()
+        processes = []
+        for rank, (argv, path) in enumerate(zip(argvs, stderr_paths)):
+            with path.open("w") as stderr:  # a file, not a pipe: a rank that writes a lot must not block on it
+                processes.append(subprocess.Popen(
+                    [sys.executable, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                    env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "RANK": str(rank),
+                         "LOCAL_RANK": str(rank), "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world,
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                ))
+        ended_at: dict[int, float] = {}
+        try:
+            while len(ended_at) < len(processes):
+                if time.monotonic() - start > timeout:
+                    raise AssertionError(f"a rank was still running {timeout:.0f} s after the start")
+                for rank, process in enumerate(processes):
+                    if rank not in ended_at and process.poll() is not None:
+                        ended_at[rank] = time.monotonic() - start
+                time.sleep(0.05)
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()
+        return [Ended(process.returncode, path.read_text(), ended_at[rank])
+                for rank, (process, path) in enumerate(zip(processes, stderr_paths))]

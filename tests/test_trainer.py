@@ -3,6 +3,7 @@ import json
 import shutil
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -125,8 +126,26 @@ def test_a_run_folder_stopped_before_its_first_checkpoint_starts_over(tmp_path):
     (run / "checkpoints" / "epoch_0001.tmp").mkdir(parents=True)  # killed while writing its first checkpoint
     with pytest.raises(ConfigError, match="neither a checkpoint nor a run folder"):
         trainer.resume_checkpoint(run)  # not a run folder: no config.json
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"model_type": "llama"}))  # a model's config: not a run folder
+    with pytest.raises(ConfigError, match="neither a checkpoint nor a run folder"):
+        trainer.resume_checkpoint(run)
+    (run / "config.json").write_text(get_config().to_json())
     assert trainer.resume_checkpoint(run) is None
+    # A full fine-tune's checkpoint holds the model's config.json beside checkpoint.json: it is a checkpoint.
+    checkpoint = run / "checkpoints" / "epoch_0001"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(get_config().to_json())
+    (checkpoint / "checkpoint.json").write_text('{"epoch": 1}')
+    assert trainer.resume_checkpoint(checkpoint) == checkpoint
+
+
+def test_resuming_into_another_run_folder_that_holds_a_run_is_refused(tmp_path):
+    first = train(text_config(tmp_path, num_epochs=1, run_name="a"))
+    other = train(text_config(tmp_path, num_epochs=1, run_name="b"))
+    before = (other / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(text_config(tmp_path, num_epochs=2, run_name="b", resume_from=str(first)))
+    assert (other / "metrics.jsonl").read_text() == before
 
 
 def test_crash_while_checkpointing_keeps_the_last_good_checkpoint(tiny_lcm_path, tmp_path, monkeypatch):
@@ -675,5 +694,5 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_result(kind
     for file in (tmp_path / "straight" / "checkpoints" / last).glob("*.safetensors"):
         a, b = load_file(file), load_file(killed / "checkpoints" / last / file.name)
         assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), file.name
-    assert all(trainer.complete_checkpoints(killed)[-1].parent == c.parent and "." not in c.name
-               for c in (killed / "checkpoints").iterdir()), "a half-written checkpoint folder was left behind"
+    left = [c.name for c in (killed / "checkpoints").iterdir()]
+    assert all(re.fullmatch(r"epoch_\d{4}", name) for name in left), f"half-written folders left behind: {left}"
