@@ -653,12 +653,13 @@ def test_a_response_without_eos_gets_the_missing_eos_penalty(tmp_path, monkeypat
 
 
 SOAK_RUNS = {
-    # REBEL on the image quickstart, 6 of its epochs; counts per epoch: ~30 forward passes without gradient, 84 with.
-    "image": (["--config", "configs/quickstart_rebel.py", "--config.num_epochs=6", "--config.eval.every=3"],
-              [("training", (90, 160)), ("sampling", (3, 25)), ("checkpoint", (2, 2)), ("training", (10, 160))]),
-    # PPO on the text quickstart, 8 of its epochs; per epoch 7 forward passes without gradient (37 in epoch 0, with
-    # the held-out evaluation), 4 with. The first kill comes before any checkpoint: the run folder starts over.
-    "text": (["--config", "configs/quickstart_text_ppo.py", "--config.num_epochs=8", "--config.eval.every=4"],
+    # PPO (a step loss) on the image quickstart, 6 of its epochs; counts per epoch: ~30 forward passes without
+    # gradient (94 in epoch 0, with the held-out evaluation and the first grid), 21 with.
+    "image": (["--config", "configs/quickstart_ppo.py", "--config.num_epochs=6", "--config.eval.every=3"],
+              [("training", (25, 40)), ("sampling", (3, 25)), ("checkpoint", (2, 2)), ("training", (5, 40))]),
+    # REBEL (a pair loss) on the text quickstart, 8 of its epochs; per epoch 7 forward passes without gradient (37 in
+    # epoch 0, with the held-out evaluation), 4 with. The first kill comes before any checkpoint: the run starts over.
+    "text": (["--config", "configs/quickstart_text_rebel.py", "--config.num_epochs=8", "--config.eval.every=4"],
              [("sampling", (20, 36)), ("training", (5, 12)), ("checkpoint", (1, 3)), ("sampling", (1, 14))]),
 }
 
