@@ -25,7 +25,7 @@ def test_a_failure_on_one_rank_ends_the_rank_blocked_in_a_collective(tmp_path):
             print("rank 0 got past a collective its peer never joined", file=sys.stderr)
         except ValueError as e:
             print(f"rank 1 raised {e!r}", file=sys.stderr)
-            time.sleep(20)
+            time.sleep(8)
             raise
     """)
     rank0, rank1 = start_ranks([[str(script)], [str(script)]], timeout=90)
@@ -33,7 +33,7 @@ def test_a_failure_on_one_rank_ends_the_rank_blocked_in_a_collective(tmp_path):
     assert rank0.returncode == 1, rank0.stderr[-2000:]
     assert "error: process 1 failed: ValueError: the reward server went away; process 0 of 2 stops with it" in rank0.stderr
     assert "got past" not in rank0.stderr
-    assert rank0.seconds < rank1.seconds - 10, (rank0.seconds, rank1.seconds)  # it did not wait for rank 1 to go
+    assert rank0.seconds < rank1.seconds - 4, (rank0.seconds, rank1.seconds)  # it did not wait for rank 1 to go
 
 
 def test_ranks_failing_at_once_each_report_their_own_error_without_waiting(tmp_path):
