@@ -199,11 +199,18 @@ def _eval_reward_names(config: ConfigDict) -> list[str]:
     return [name.strip() for name in config.eval.rewards.split(",") if name.strip()] or [config.reward.name]
 
 
+def _resumed_run_dir(config: ConfigDict, checkpoint: Path | None) -> Path | None:
+    """The folder of the run `resume_from` continues (None for a fresh run)."""
+    if not config.resume_from:
+        return None
+    return checkpoint.parent.parent if checkpoint is not None else Path(config.resume_from)
+
+
 def _run_dir(config: ConfigDict, checkpoint: Path | None) -> Path:
     """<logdir>/<run_name>; a resumed run without a run_name continues in its own folder."""
     name = config.run_name
     if not name and config.resume_from:
-        return checkpoint.parent.parent if checkpoint is not None else Path(config.resume_from)
+        return _resumed_run_dir(config, checkpoint)
     if not name:
         stamp = [datetime.datetime.now().strftime("%Y%m%d_%H%M%S")]
         broadcast_object_list(stamp)  # every process must agree on the folder
@@ -482,8 +489,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
     )
     metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
     # Only the run being resumed may already have metrics here: another run's would be truncated and mixed in.
-    resumed_dir = None if not config.resume_from else (
-        last_checkpoint.parent.parent if last_checkpoint is not None else Path(config.resume_from))
+    resumed_dir = _resumed_run_dir(config, last_checkpoint)
     if metrics_path.exists() and (resumed_dir is None or resumed_dir.resolve() != run_dir.resolve()):
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; resume it with "
                           f"--config.resume_from={run_dir} or choose another run_name")
