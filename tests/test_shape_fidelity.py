@@ -174,3 +174,23 @@ def test_tiny_lcm_accuracy_and_fidelity_agree():
     assert fidelity[accurate].mean() > fidelity[~accurate].mean() + 0.15
     # A graded signal for RL, not a 0 / 0.5 / 1 step function.
     assert ((fidelity > 0.55) & (fidelity < 0.95)).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("size, factor", [(12, 12 / 26), (20, 20 / 26), (26, 1.0), (28, 1.0)])
+def test_large_shape_is_fidelity_times_the_capped_extent(size, factor):
+    # Pixel-aligned squares: the blob's extent is exactly `size` pixels, so the factor is size / 26 up to 1.
+    spec = shapes.ShapeSpec("green", "square", "black", cx=16.0, cy=16.0, size=size)
+    image = as_batch(shapes.render(spec)[None])
+    fidelity = make_reward_fn("shape_fidelity")(image, [spec.caption]).item()
+    assert fidelity > 0.9
+    assert make_reward_fn("large_shape")(image, [spec.caption]).item() == pytest.approx(fidelity * factor, abs=1e-6)
+
+
+def test_large_shape_pays_nothing_for_a_flat_image_or_a_big_wrong_shape():
+    large = make_reward_fn("large_shape")
+    flat = torch.zeros(1, 3, 32, 32)
+    assert large(flat, ["a red circle on a black background"]).item() == 0.0
+    big_square = as_batch(shapes.render(shapes.ShapeSpec("red", "square", "black", 16.0, 16.0, 26))[None])
+    right = large(big_square, ["a red square on a black background"]).item()
+    assert large(big_square, ["a red cross on a black background"]).item() < 0.7 * right
+    assert large(big_square, ["a blue square on a black background"]).item() < 0.6 * right
