@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="IQM learning curves with stratified bootstrap CIs across seeds.",
     )
     parser.add_argument("groups", nargs="+", metavar="NAME=GLOB",
-                        help="a group of run folders, e.g. rebel='runs/rebel_seed*'")
+                        help="a group of run folders, e.g. rebel='runs/figure3/rebel_seed*'")
     parser.add_argument("--metric", default="reward_mean",
                         help="y value: a metrics.jsonl key, or an eval.jsonl key (eval_*, e.g. eval_shape_accuracy)")
     parser.add_argument("--x", default="reward_queries",

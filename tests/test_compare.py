@@ -467,3 +467,24 @@ def test_cli_compares_a_held_out_metric(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "runs" / "ppo_1" / "eval.jsonl").unlink()
     assert main([f"ppo={tmp_path}/runs/ppo_*", "--metric", "eval_shape_accuracy", "--out", str(out)]) == 2
     assert "eval.jsonl is missing" in capsys.readouterr().err
+
+
+def test_the_readme_compare_examples_match_the_run_names_quickstarts_and_figure3_create(monkeypatch) -> None:
+    import fnmatch
+    import importlib
+    import re
+
+    from rebel_diffusion import trainer
+
+    monkeypatch.setattr(trainer, "broadcast_object_list", lambda objects: objects)  # one process: nothing to agree on
+    names = {}
+    for algorithm in ("rebel", "ppo", "rloo", "grpo", "online_dpo"):
+        config = importlib.import_module(f"configs.quickstart_{algorithm}").get_config()
+        names[algorithm] = [str(trainer._run_dir(config, None)), f"runs/figure3/{algorithm}_seed0"]  # figure3's names
+    examples = [line for line in (REPO / "README.md").read_text().splitlines() if "compare_curves.py" in line
+                and "=" in line]
+    groups = [group for line in examples for group in re.findall(r"(\w+)='([^']+)'", line)]
+    assert len(groups) >= 4, examples
+    for name, pattern in groups:
+        matched = [run for runs in names.values() for run in runs if fnmatch.fnmatch(run, pattern)]
+        assert matched and all(run in names[name] for run in matched), (name, pattern, matched)
