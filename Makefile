@@ -1,4 +1,4 @@
-# Commands for a new user; each sets up .venv on first use (pip install -e ".[test]").
+# Commands for a new user; each sets up .venv on first use (pip install -e ".[test]"; CPU-only: add TORCH=cpu).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -7,8 +7,17 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mix
 
 .PHONY: quickstart quickstart-ppo quickstart-rloo quickstart-grpo quickstart-online-dpo quickstart-text figure3 test test-slow
 
+# TORCH=cpu (opt-in: `make quickstart TORCH=cpu`) installs torch and torchvision from PyTorch's CPU wheel index before
+# the package, so that a CPU-only machine skips the ~6 GB of CUDA wheels the default index's torch pulls in; any other
+# tag of that index works the same (TORCH=cu121). The default (TORCH empty) is the plain install that CI runs. Not
+# exercised by CI or the tests: their machines reach only the default package registry. It takes effect when .venv is
+# (re)created: `rm -rf .venv` first if it exists.
+TORCH ?=
+TORCH_INDEX := https://download.pytorch.org/whl/$(TORCH)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH),$(VENV)/bin/pip install -q torch torchvision --index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 

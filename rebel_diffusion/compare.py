@@ -7,8 +7,9 @@ resamples runs with replacement, stratified by task (Agarwal et al. 2021,
 "Deep RL at the edge of the statistical precipice"; the statistics of the
 ``rliable`` library, recomputed here with numpy/scipy).
 
-A run is a folder holding ``metrics.jsonl`` (one JSON object per epoch) and,
-optionally, ``config.json``; the basename of its ``prompt_file`` entry is the
+A run is a folder holding ``metrics.jsonl`` (one JSON object per epoch), for
+held-out ``eval_*`` metrics ``eval.jsonl`` (one object per evaluation, x from
+metrics.jsonl at that epoch), and optionally ``config.json``; the basename of its ``prompt_file`` entry is the
 run's task label (runs without it share one unnamed task).
 
 Common grid: runs of one group whose x values differ are linearly
@@ -137,21 +138,15 @@ def _number(record: dict, key: str, where: str) -> float:
     return float(value)
 
 
-def read_metrics(run_dir: Path, metric: str, x_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``(x, metric)`` per epoch from ``run_dir/metrics.jsonl``.
-
-    Blank lines are skipped. x must be strictly increasing so that the curve
-    can be interpolated.
-    """
-    path = run_dir / "metrics.jsonl"
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """The JSON objects of a JSONL file with where each is (``path line N``); blank lines are skipped."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise CompareError(f"{path}: metrics.jsonl is missing") from None
+        raise CompareError(f"{path}: {path.name} is missing") from None
     except OSError as err:
         raise CompareError(f"{path}: cannot read ({err.strerror})") from None
-    xs: list[float] = []
-    ys: list[float] = []
+    records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -162,10 +157,61 @@ def read_metrics(run_dir: Path, metric: str, x_key: str) -> tuple[np.ndarray, np
             raise CompareError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict):
             raise CompareError(f"{where}: not a JSON object")
-        xs.append(_number(record, x_key, where))
+        records.append((where, record))
+    if not records:
+        raise CompareError(f"{path}: {path.name} is empty")
+    return records
+
+
+#: x keys that count from zero at the start of training: an evaluation before the first epoch sits at 0.
+ZERO_BEFORE_TRAINING = ("reward_queries", "optimizer_steps")
+
+
+def _eval_points(run_dir: Path, metric: str, x_key: str) -> tuple[list[float], list[float]]:
+    """``(x, metric)`` of each held-out evaluation in ``run_dir/eval.jsonl``.
+
+    An evaluation at ``epoch`` e comes after e epochs of training: its x is its own ``x_key`` when it has one (the
+    ``epoch``), else the ``x_key`` of metrics.jsonl's line for epoch e - 1 (the reward queries spent by then), and 0
+    for e = 0 when x is a count that starts there (``reward_queries``, ``optimizer_steps``).
+    """
+    evals = _records(run_dir / "eval.jsonl")
+    by_epoch: dict[float, tuple[str, dict]] = {}
+    if any(x_key not in record for _, record in evals):
+        for where, record in _records(run_dir / "metrics.jsonl"):
+            by_epoch[_number(record, "epoch", where)] = (where, record)
+    xs: list[float] = []
+    ys: list[float] = []
+    for where, record in evals:
         ys.append(_number(record, metric, where))
-    if not xs:
-        raise CompareError(f"{path}: metrics.jsonl is empty")
+        if x_key in record:
+            xs.append(_number(record, x_key, where))
+            continue
+        epoch = _number(record, "epoch", where)
+        if epoch == 0 and x_key in ZERO_BEFORE_TRAINING:
+            xs.append(0.0)
+        elif epoch - 1 in by_epoch:
+            xs.append(_number(by_epoch[epoch - 1][1], x_key, by_epoch[epoch - 1][0]))
+        else:
+            raise CompareError(f"{where}: no metrics.jsonl line for epoch {epoch - 1:g}, the epoch before this "
+                               f"evaluation, to take its {x_key!r} from")
+    return xs, ys
+
+
+def read_metrics(run_dir: Path, metric: str, x_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``(x, metric)`` per epoch from ``run_dir/metrics.jsonl``, or per held-out evaluation from
+    ``run_dir/eval.jsonl`` for an ``eval_*`` metric (x as in ``_eval_points``).
+
+    Blank lines are skipped. x must be strictly increasing so that the curve
+    can be interpolated.
+    """
+    if metric.startswith("eval_"):
+        path = run_dir / "eval.jsonl"
+        xs, ys = _eval_points(run_dir, metric, x_key)
+    else:
+        path = run_dir / "metrics.jsonl"
+        records = _records(path)
+        xs = [_number(record, x_key, where) for where, record in records]
+        ys = [_number(record, metric, where) for where, record in records]
     x = np.array(xs)
     if np.any(np.diff(x) <= 0):
         raise CompareError(f"{path}: {x_key!r} is not strictly increasing")
@@ -524,9 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="IQM learning curves with stratified bootstrap CIs across seeds.",
     )
     parser.add_argument("groups", nargs="+", metavar="NAME=GLOB",
-                        help="a group of run folders, e.g. rebel='runs/rebel_seed*'")
-    parser.add_argument("--metric", default="reward_mean", help="y value (metrics.jsonl key)")
-    parser.add_argument("--x", default="reward_queries", help="x value (metrics.jsonl key)")
+                        help="a group of run folders, e.g. rebel='runs/figure3/rebel_seed*'")
+    parser.add_argument("--metric", default="reward_mean",
+                        help="y value: a metrics.jsonl key, or an eval.jsonl key (eval_*, e.g. eval_shape_accuracy)")
+    parser.add_argument("--x", default="reward_queries",
+                        help="x value: a metrics.jsonl key (for eval_* metrics taken at the evaluation's epoch), or epoch")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap random seed")

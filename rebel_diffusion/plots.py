@@ -1,4 +1,4 @@
-"""Pictures a run leaves behind: sample grids and the learning curve."""
+"""Pictures a run leaves behind: the learning curve (sample grids are drawn by `rebel_diffusion.grids`)."""
 
 from __future__ import annotations
 
@@ -10,26 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
-CELL = 128  # grid cells are resized to this side: tiny images become visible, large ones keep the PNG light
-LABEL_WIDTH = 200
-
-
-def save_image_grid(images: torch.Tensor, row_labels: list[str], path: str | Path) -> None:
-    """Save `images` `(rows, columns, 3, H, W)` in [0, 1] as one PNG with a label per row."""
-    rows, columns = images.shape[:2]
-    grid = Image.new("RGB", (LABEL_WIDTH + columns * CELL, rows * CELL), "white")
-    draw = ImageDraw.Draw(grid)
-    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
-    for r in range(rows):
-        draw.text((4, r * CELL + CELL // 2 - 6), row_labels[r][:32], fill="black")
-        for c in range(columns):
-            cell = Image.fromarray(pixels[r, c])
-            resample = Image.NEAREST if cell.width < CELL else Image.BILINEAR
-            grid.paste(cell.resize((CELL, CELL), resample), (LABEL_WIDTH + c * CELL, r * CELL))
-    grid.save(path)
+from rebel_diffusion.grids import CELL, LABEL_WIDTH, save_image_grid  # noqa: E402,F401  (their home before grids.py)
 
 
 def save_learning_curve(metrics_path: str | Path, path: str | Path, title: str = "",

@@ -1,9 +1,9 @@
 """Sample from a trained checkpoint (or a base model): `python -m rebel_diffusion.sample --checkpoint DIR --out DIR`.
 
 The policy is rebuilt from the run's `config.json` exactly as training built it, then the checkpoint's LoRA weights
-are loaded. Images: one PNG per (prompt, seed) plus `grid.png` (rows = prompts); with `--compare-base` the base
-model's image for the same seed (the same network with the adapter disabled, so the model is loaded once) is written
-beside each fine-tuned one. Text: `samples.jsonl`, one line per (prompt, seed), with `base_response` under
+are loaded. Images: one PNG per (prompt, seed) plus `grid.png` (rows = prompts, upscaled, each column headed by
+"base" or "fine-tuned" and its seed); with `--compare-base` the base model's image for the same seed (the same network
+with the adapter disabled, so the model is loaded once) is written beside each fine-tuned one. Text: `samples.jsonl`, one line per (prompt, seed), with `base_response` under
 `--compare-base`.
 
 Each (prompt, seed) is sampled on its own, so its output depends only on the prompt and the seed, never on which other
@@ -24,7 +24,7 @@ import torch
 from ml_collections import ConfigDict
 from PIL import Image
 
-from rebel_diffusion.plots import save_image_grid
+from rebel_diffusion.grids import save_image_grid
 from rebel_diffusion.policies import POLICIES, Policy, make_policy
 from rebel_diffusion.trainer import DTYPES, ConfigError, find_checkpoint, read_prompts
 
@@ -142,9 +142,11 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return args.prompts or DEFAULT_PROMPTS
 
 
-def _sample_images(policy: Policy, prompts: list[str], seeds: list[int], out: Path, compare_base: bool) -> None:
-    """One PNG per (prompt, seed) (and its `_base` twin), `grid.png` with base | fine-tuned pairs per seed, and
-    `samples.json` mapping files to prompts and seeds."""
+def _sample_images(policy: Policy, prompts: list[str], seeds: list[int], out: Path, compare_base: bool,
+                   tuned: bool = True) -> None:
+    """One PNG per (prompt, seed) (and its `_base` twin), `grid.png` (rows = prompts; a column per seed, or a
+    base | fine-tuned pair of columns per seed, each labelled in the header band), and `samples.json` mapping files to
+    prompts and seeds."""
     def draw(prompt: str, seed: int) -> torch.Tensor:
         return policy.sample([prompt], generator=torch.Generator().manual_seed(seed)).outputs[0].cpu()
 
@@ -164,7 +166,9 @@ def _sample_images(policy: Policy, prompts: list[str], seeds: list[int], out: Pa
             row.append(image)
             index.append(entry)
         rows.append(torch.stack(row))
-    save_image_grid(torch.stack(rows), prompts, out / "grid.png")
+    names = ("base", "fine-tuned") if compare_base else ("fine-tuned" if tuned else "base",)
+    columns = [f"{name}\nseed {seed}" for seed in seeds for name in names]
+    save_image_grid(torch.stack(rows), prompts, out / "grid.png", column_labels=columns)
     (out / "samples.json").write_text(json.dumps(index, indent=2))
 
 
@@ -224,8 +228,10 @@ def run(args: argparse.Namespace) -> Path:
         load_checkpoint_weights(policy, checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sampler = _sample_images if policy.kind == "image" else _sample_text
-    sampler(policy, prompts, list(args.seeds), out, args.compare_base)
+    if policy.kind == "image":
+        _sample_images(policy, prompts, list(args.seeds), out, args.compare_base, tuned=checkpoint is not None)
+    else:
+        _sample_text(policy, prompts, list(args.seeds), out, args.compare_base)
     return out
 
 

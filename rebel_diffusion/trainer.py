@@ -464,6 +464,32 @@ def evaluate(policy: Policy, prompts: list[str], seeds: list[int],
     return {f"eval_{name}": torch.cat(values).mean().item() for name, values in scores.items()}, outputs_by_seed
 
 
+def _diversity_across_seeds(policy: Policy, prompts: list[str], outputs_by_seed: list) -> float:
+    """`policy.diversity` of the held-out outputs: pairs of seeds of the same prompt (NaN with one seed)."""
+    first = outputs_by_seed[0]
+    outputs = torch.cat(outputs_by_seed) if isinstance(first, torch.Tensor) else [o for out in outputs_by_seed for o in out]
+    return policy.diversity(outputs, prompts * len(outputs_by_seed))
+
+
+def _number(value: float) -> str:
+    """A metric for the console: 3 decimals, or 3 significant digits when that would show 0.000."""
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 or not np.isfinite(value) else f"{value:.2e}"
+
+
+def epoch_summary(epochs_done: int, num_epochs: int, metrics: dict[str, Any], eval_metrics: dict[str, Any]) -> str:
+    """The console line after `epochs_done` epochs: the last epoch's reward, kl, diversity and seconds (when it
+    trained one) and the held-out metrics evaluated after it, e.g.
+    `epoch 3/24  reward 0.812  kl 0.031  diversity 0.210  eval_shape_accuracy 0.780  12.3 s`."""
+    parts = [f"epoch {epochs_done}/{num_epochs}"]
+    for key, name in (("reward_mean", "reward"), ("kl", "kl"), ("diversity", "diversity")):
+        if key in metrics:
+            parts.append(f"{name} {_number(metrics[key])}")
+    parts += [f"{key} {_number(value)}" for key, value in eval_metrics.items() if key.startswith("eval_")]
+    if "seconds" in metrics:
+        parts.append(f"{metrics['seconds']:.1f} s")
+    return "  ".join(parts)
+
+
 def train(config: ConfigDict) -> Path:
     """Run (or resume) one training run; returns its folder. An error on any process stops every process."""
     if not config.collective_timeout_s > 0:
@@ -555,9 +581,13 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
     eval_seeds = [config.eval.seed + j for j in range(config.eval.num_seeds)]
     shape_reward_with_kl = algorithm.kl_in_reward and config.kl_coef > 0
 
+    summary: dict[str, Any] | None = None  # the last epoch's metrics, printed once its evaluation (if any) is done
     for epoch in range(progress.epoch, config.num_epochs + 1):
+        eval_metrics = {}
         if eval_prompts and (epoch % config.eval.every == 0 or epoch == config.num_epochs):
             scores, outputs_by_seed = evaluate(policy, eval_prompts, eval_seeds, eval_reward_fns)
+            if np.isfinite(diversity := _diversity_across_seeds(policy, eval_prompts, outputs_by_seed)):
+                scores["eval_diversity"] = diversity
             eval_metrics = {"epoch": epoch, **scores}
             if is_main:
                 _write_metrics(eval_path, eval_metrics)
@@ -565,9 +595,13 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                 policy.write_outputs(eval_prompts, outputs_by_seed, run_dir / "eval" / f"epoch_{epoch:04d}")
                 _log_images(accelerator, "eval", outputs_by_seed[0], epoch)
             accelerator.log(scores, step=epoch)
+        if is_main and (summary is not None or eval_metrics):  # tqdm.write keeps the line clear of progress bars
+            tqdm.write(epoch_summary(epoch, config.num_epochs, summary or {}, eval_metrics))
+        summary = None
         if epoch == config.num_epochs:
             break
         start = time.time()
+        diversities: list[float] = []  # policy.diversity of each sampling batch, while its outputs exist
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(accelerator.device)
 
@@ -596,6 +630,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                           disable=not is_main):
                 batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
                 trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
+                diversities.append(policy.diversity(trajectory.outputs, trajectory.prompts))
                 scored = scorer.submit(_score, reward_fn, trajectory, config.reward.name, epoch, kept)
                 if not config.sample.overlap_reward:
                     scored.result()
@@ -668,6 +703,11 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                 metrics[f"reward_{name}_mean"] = accelerator.gather(torch.cat(scores)).float().mean().item()
         if all_kl:
             metrics["kl"] = float(np.mean(all_kl))
+        # The epoch's mean over batches (of every process) of the distance between samples of the same prompt: a
+        # reward won by collapsing to one output per prompt shows as diversity near 0. Absent when no prompt was
+        # sampled twice in a batch (one sample per prompt, as PPO's, and no repeated prompt).
+        if batch_diversity := [d for d in gather_object(diversities) if np.isfinite(d)]:
+            metrics["diversity"] = float(np.mean(batch_diversity))
         if shape_reward_with_kl:
             metrics["reward_shaped_mean"] = float(shaped.mean())
         if accelerator.device.type == "cuda":  # what the epoch needed at most: the number to size a GPU by
@@ -676,6 +716,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         if is_main:
             _write_metrics(metrics_path, metrics)
         accelerator.log(metrics, step=epoch)
+        summary = metrics
         if progress.epoch % config.save_freq == 0 or progress.epoch == config.num_epochs:
             last_checkpoint = save_checkpoint(accelerator, run_dir, progress, config.num_checkpoint_limit, config, metrics)
 

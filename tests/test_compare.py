@@ -426,3 +426,65 @@ def test_groups_without_shared_task_pool_runs_with_one_note() -> None:
     assert [n for n in result.notes if "share no task" in n] == [
         "note: groups 'a' and 'b' share no task; their probability of improvement pools all runs"
     ]
+
+
+# --- Held-out metrics (eval.jsonl) ---------------------------------------------------------------
+
+
+def write_eval(run: Path, epochs: list[int], accuracies: list[float]) -> None:
+    """An eval.jsonl like the trainer's: the held-out metrics after `epoch` epochs of training."""
+    lines = [json.dumps({"epoch": e, "eval_shape_accuracy": a, "eval_diversity": 0.2}) for e, a in zip(epochs, accuracies)]
+    (run / "eval.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_eval_metrics_are_read_from_eval_jsonl_at_the_reward_queries_spent_by_then(tmp_path: Path) -> None:
+    # Six epochs of 24 queries: metrics line e holds the count after epoch e, i.e. 24 (e + 1).
+    run = write_run(tmp_path / "rebel_0", [24, 48, 72, 96, 120, 144], [0.1] * 6)
+    write_eval(run, [0, 2, 4, 6], [0.25, 0.5, 0.5, 0.75])
+    x, y = compare.read_metrics(run, "eval_shape_accuracy", "reward_queries")
+    assert x.tolist() == [0, 48, 96, 144]  # before training; after 2, 4 and 6 epochs
+    assert y.tolist() == [0.25, 0.5, 0.5, 0.75]
+    x, _ = compare.read_metrics(run, "eval_shape_accuracy", "epoch")
+    assert x.tolist() == [0, 2, 4, 6]
+    with pytest.raises(CompareError, match="before this evaluation"):
+        compare.read_metrics(run, "eval_shape_accuracy", "seconds")  # no 'seconds' before the first epoch
+    with pytest.raises(CompareError, match="eval.jsonl line 1: no 'eval_missing' key"):
+        compare.read_metrics(run, "eval_missing", "reward_queries")
+
+
+def test_cli_compares_a_held_out_metric(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for seed, after in enumerate([0.5, 0.75]):
+        write_eval(write_run(tmp_path / "runs" / f"rebel_{seed}", [24, 48], [0.1, 0.2]), [0, 2], [0.25, after])
+        write_eval(write_run(tmp_path / "runs" / f"ppo_{seed}", [24, 48], [0.1, 0.2]), [0, 2], [0.25, 0.25])
+    out = tmp_path / "out"
+    code = main([f"rebel={tmp_path}/runs/rebel_*", f"ppo={tmp_path}/runs/ppo_*", "--metric", "eval_shape_accuracy",
+                 "--out", str(out), "--reps", "200"])
+    assert code == 0, capsys.readouterr().err
+    curves = read_csv(out / "curves.csv")
+    assert [(row[0], float(row[1]), float(row[2])) for row in curves[1:]] == [
+        ("rebel", 0.0, 0.25), ("rebel", 48.0, 0.625), ("ppo", 0.0, 0.25), ("ppo", 48.0, 0.25)]
+    assert "final comparison at reward_queries = 48" in capsys.readouterr().out
+    (tmp_path / "runs" / "ppo_1" / "eval.jsonl").unlink()
+    assert main([f"ppo={tmp_path}/runs/ppo_*", "--metric", "eval_shape_accuracy", "--out", str(out)]) == 2
+    assert "eval.jsonl is missing" in capsys.readouterr().err
+
+
+def test_the_readme_compare_examples_match_the_run_names_quickstarts_and_figure3_create(monkeypatch) -> None:
+    import fnmatch
+    import importlib
+    import re
+
+    from rebel_diffusion import trainer
+
+    monkeypatch.setattr(trainer, "broadcast_object_list", lambda objects: objects)  # one process: nothing to agree on
+    names = {}
+    for algorithm in ("rebel", "ppo", "rloo", "grpo", "online_dpo"):
+        config = importlib.import_module(f"configs.quickstart_{algorithm}").get_config()
+        names[algorithm] = [str(trainer._run_dir(config, None)), f"runs/figure3/{algorithm}_seed0"]  # figure3's names
+    examples = [line for line in (REPO / "README.md").read_text().splitlines() if "compare_curves.py" in line
+                and "=" in line]
+    groups = [group for line in examples for group in re.findall(r"(\w+)='([^']+)'", line)]
+    assert len(groups) >= 4, examples
+    for name, pattern in groups:
+        matched = [run for runs in names.values() for run in runs if fnmatch.fnmatch(run, pattern)]
+        assert matched and all(run in names[name] for run in matched), (name, pattern, matched)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 
 from configs.base import get_config
-from rebel_diffusion.plots import CELL, LABEL_WIDTH
+from rebel_diffusion.grids import CELL, HEADER_HEIGHT, LABEL_WIDTH, tile_box
 from rebel_diffusion.policies import make_policy
 from rebel_diffusion.sample import main
 from rebel_diffusion.trainer import CHECKPOINT_FILE, train
@@ -53,6 +53,16 @@ def read_png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+def header_text(lines: list[str]) -> np.ndarray:
+    """A header cell drawn independently of rebel_diffusion.grids: PIL's default font, black on white, 4 px in, one
+    line per 13 px."""
+    cell = Image.new("RGB", (CELL, HEADER_HEIGHT), "white")
+    draw = ImageDraw.Draw(cell)
+    for i, line in enumerate(lines):
+        draw.text((4, 4 + 13 * i), line, fill="black", font=ImageFont.load_default())
+    return np.asarray(cell)
+
+
 def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
@@ -69,8 +79,24 @@ def test_checkpoint_samples_beside_the_base_model(lcm_run, tiny_lcm_path, tmp_pa
         tuned, base = read_png(out / entry["file"]), read_png(out / entry["base_file"])
         assert tuned.shape == base.shape == (32, 32, 3)
         assert np.abs(tuned.astype(int) - base.astype(int)).max() > 0, "the LoRA changed nothing"
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (LABEL_WIDTH + 2 * 2 * CELL, 2 * CELL)  # base | fine-tuned for each of the two seeds
+    # grid.png: a header band over base | fine-tuned for each of the two seeds, every tile upscaled from its PNG.
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    assert HEADER_HEIGHT >= 20 and CELL >= 128
+    assert grid.shape == (HEADER_HEIGHT + 2 * CELL, LABEL_WIDTH + 2 * 2 * CELL, 3)
+    labels = [f"{name}\nseed {seed}" for seed in (3, 4) for name in ("base", "fine-tuned")]
+    for entry in index:
+        row, seed_column = PROMPTS.index(entry["prompt"]), (3, 4).index(entry["seed"])
+        for column, file in ((2 * seed_column, entry["base_file"]), (2 * seed_column + 1, entry["file"])):
+            left, top, right, bottom = tile_box(row, column, labels)
+            assert (left, top) == (LABEL_WIDTH + column * CELL, HEADER_HEIGHT + row * CELL)
+            scale = CELL // 32
+            upscaled = read_png(out / file).repeat(scale, axis=0).repeat(scale, axis=1)
+            np.testing.assert_array_equal(grid[top:bottom, left:right], upscaled, err_msg=f"{file} at {row, column}")
+    # The header says which is which: each column's band holds exactly the text "base" or "fine-tuned" over its tile.
+    for column, label in enumerate(labels):
+        band = grid[:HEADER_HEIGHT, LABEL_WIDTH + column * CELL : LABEL_WIDTH + (column + 1) * CELL]
+        np.testing.assert_array_equal(band, header_text(label.split("\n")), err_msg=label)
+    assert (grid[HEADER_HEIGHT:, :LABEL_WIDTH] < 128).any(), "no prompt drawn in the label column"
 
     # The base images are what the base model alone samples (no checkpoint: --model), seed for seed.
     base_out = tmp_path / "base"

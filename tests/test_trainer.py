@@ -697,3 +697,42 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_result(kind
         assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), file.name
     left = [c.name for c in (killed / "checkpoints").iterdir()]
     assert all(re.fullmatch(r"epoch_\d{4}", name) for name in left), f"half-written folders left behind: {left}"
+
+
+def test_console_line_diversity_and_readable_eval_grid(tiny_lcm_path, tmp_path, capsys):
+    """What a user sees: one line per epoch (with the held-out metrics of the epochs evaluated), `diversity` in
+    metrics.jsonl and `eval_diversity` in eval.jsonl, and held-out grids of prompts x seeds with the prompts drawn."""
+    import numpy as np
+    from PIL import Image
+
+    from rebel_diffusion.grids import CELL, LABEL_WIDTH, tile_box
+
+    heldout = ["a green cross", "a purple circle on a white background", "a red square"]
+    (tmp_path / "heldout.txt").write_text("\n".join(heldout) + "\n")
+    config = tiny_config(tiny_lcm_path, tmp_path, **{"eval.prompt_file": str(tmp_path / "heldout.txt"),
+                                                     "eval.every": 2, "eval.num_seeds": 2})
+    run_dir = train(config)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 3, lines
+    number = r"-?\d+\.\d{3}"
+    assert re.fullmatch(rf"epoch 0/2  eval_jpeg_compressibility {number}  eval_diversity {number}", lines[0]), lines[0]
+    assert re.fullmatch(rf"epoch 1/2  reward {number}  kl \S+  diversity {number}  \d+\.\d s", lines[1]), lines[1]
+    assert re.fullmatch(rf"epoch 2/2  reward {number}  kl \S+  diversity {number}  eval_jpeg_compressibility {number}  "
+                        rf"eval_diversity {number}  \d+\.\d s", lines[2]), lines[2]
+
+    metrics = read_metrics(run_dir)
+    assert all(0 < m["diversity"] < 1 for m in metrics)  # REBEL samples each prompt twice, with different noise
+    assert f"diversity {metrics[-1]['diversity']:.3f}" in lines[2]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 2] and all(0 < e["eval_diversity"] < 1 for e in evals)
+
+    for png in ("eval/epoch_0000.png", "eval/epoch_0002.png", "grid_first.png", "grid_last.png"):
+        grid = np.asarray(Image.open(run_dir / png).convert("RGB"))
+        rows = len(heldout) if png.startswith("eval") else config.grid.num_prompts
+        assert grid.shape == (rows * CELL, LABEL_WIDTH + 2 * CELL, 3), png  # rows = prompts, columns = seeds
+        for r in range(rows):
+            assert (grid[r * CELL : (r + 1) * CELL, :LABEL_WIDTH] < 128).any(), f"{png}: row {r} has no prompt"
+            left, top, right, bottom = tile_box(r, 1)
+            tile = grid[top:bottom, left:right]
+            assert (tile.reshape(32, CELL // 32, 32, CELL // 32, 3) == tile[:: CELL // 32, :: CELL // 32][:, None, :, None]
+                    ).all(), f"{png}: tile ({r}, 1) is not a nearest-neighbour upscale of a 32 px image"

@@ -71,10 +71,25 @@ class Policy(Protocol):
         grid (rows = prompts, columns = seeds) for images, JSONL for text."""
         ...
 
+    def diversity(self, outputs, prompts: list[str]) -> float:
+        """How different the outputs of the same prompt are (`outputs` as `sample(prompts).outputs`): the mean over
+        every pair of outputs with the same prompt of a distance, 0 when the policy gives one output per prompt; NaN
+        when no prompt occurs twice. Images: the RMS pixel difference in [0, 1] units; text: 1 for distinct responses."""
+        ...
+
     def save_samples(self, prompts: list[str], seeds: list[int], path: Path | None) -> None:
         """Write samples of fixed prompts and seeds (a PNG grid, or JSONL for text) to `path` without a suffix; with
         `path` None, sample the same without writing (every process makes the same calls, one writes)."""
         ...
+
+
+def same_prompt_pairs(prompts: list[str]) -> tuple[list[int], list[int]]:
+    """Index pairs `(i, j)`, i < j, of every two positions holding the same prompt, as two lists (for `diversity`)."""
+    positions: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        positions.setdefault(prompt, []).append(index)
+    pairs = [(a, b) for group in positions.values() for n, a in enumerate(group) for b in group[n + 1 :]]
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 # config.policy -> "module:class"; each class has `from_config(config, device, dtype) -> Policy`.
@@ -97,4 +112,4 @@ def make_policy(config: ConfigDict, device: torch.device, dtype: torch.dtype) ->
     return policy_class(config.policy).from_config(config, device=device, dtype=dtype)
 
 
-__all__ = ["POLICIES", "Policy", "make_policy", "policy_class"]
+__all__ = ["POLICIES", "Policy", "make_policy", "policy_class", "same_prompt_pairs"]

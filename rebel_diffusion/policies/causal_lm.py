@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rebel_diffusion.policies import same_prompt_pairs
 from rebel_diffusion.trajectory import Trajectory
 
 DEFAULT_LORA_TARGETS = "all-linear"
@@ -354,6 +355,14 @@ class CausalLMPolicy:
         lines = [json.dumps({"prompt": p, "seed": seed, "response": r})
                  for seed, outputs in zip(seeds, outputs_by_seed) for p, r in zip(prompts, outputs)]
         Path(path).with_suffix(".jsonl").write_text("\n".join(lines) + "\n")
+
+    def diversity(self, outputs: list[str], prompts: list[str]) -> float:
+        """The fraction of pairs of same-prompt responses that differ (exact string comparison): 0 when every prompt
+        gets one response, 1 when all differ; NaN without such a pair."""
+        first, second = same_prompt_pairs(prompts)
+        if not first:
+            return float("nan")
+        return sum(outputs[a] != outputs[b] for a, b in zip(first, second)) / len(first)
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Every prompt must leave room for `max_new_tokens` in the model's context."""

@@ -27,6 +27,7 @@ from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
 from rebel_diffusion.plots import save_image_grid
+from rebel_diffusion.policies import same_prompt_pairs
 from rebel_diffusion.trajectory import Trajectory
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -436,6 +437,16 @@ class LCMPolicy:
     def write_outputs(self, prompts: list[str], outputs_by_seed: list[torch.Tensor], path: Path) -> None:
         """A PNG grid at `path`.png: rows = prompts, columns = seeds."""
         save_image_grid(torch.stack(outputs_by_seed, dim=1), prompts, Path(path).with_suffix(".png"))
+
+    @torch.no_grad()
+    def diversity(self, outputs: torch.Tensor, prompts: list[str]) -> float:
+        """Mean over pairs of same-prompt images of their RMS pixel difference, `sqrt(mean((a - b)^2))` over the
+        `(3, H, W)` values in [0, 1]: 0 for identical images, 1 for black against white; NaN without such a pair."""
+        first, second = same_prompt_pairs(prompts)
+        if not first:
+            return float("nan")
+        images = outputs.float()
+        return (images[first] - images[second]).square().flatten(1).mean(dim=1).sqrt().mean().item()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA weights in diffusers' format, ready for `save_lora_weights`."""
