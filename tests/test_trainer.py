@@ -489,20 +489,25 @@ def _full_graph_loss(policy, algorithm, batch, targets, config):
     if algorithm.pair_loss is not None:
         ratio = (log_prob - batch.log_probs).sum(dim=1)
         return algorithm.pair_loss(ratio[0::2], ratio[1::2], targets[0::2], targets[1::2], config)
+    if algorithm.name == "rloo":  # written out here, not through the algorithm: PPO's objective summed over steps
+        ratio, eps, advantages = torch.exp(log_prob - batch.log_probs), config.rloo.clip_range, targets[:, None]
+        objective = torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+        return -(objective * batch.mask).sum(dim=1).mean()
     loss, _ = algorithm.step_loss(log_prob, batch.log_probs, targets, config, 0)
     if config.kl_coef > 0:
         loss = loss + config.kl_coef * kl
     return loss.mean() if algorithm.step_reduction == "mean" else loss.sum(dim=1).mean()
 
 
-@pytest.mark.parametrize("name, num_pairs", [("rebel", 1), ("rebel", 3), ("online_dpo", 2), ("ppo", 2), ("grpo", 2)])
+@pytest.mark.parametrize("name, num_pairs", [("rebel", 1), ("rebel", 3), ("online_dpo", 2), ("ppo", 2), ("grpo", 2),
+                                             ("rloo", 2)])
 def test_per_step_gradients_equal_the_full_graph(tiny_lcm_path, name, num_pairs):
     from accelerate import Accelerator
 
     algorithm = ALGORITHMS[name]
     config = get_config()
     config.kl_coef = 0.0 if algorithm.kl_in_reward else 0.3  # the KL loss term is part of the gradient checked
-    config.ppo.clip_range = config.grpo.clip_range = 0.05
+    config.ppo.clip_range = config.grpo.clip_range = config.rloo.clip_range = 0.05
     config.dpo.beta = 5.0
     policy, batch, targets = _policy_and_pairs(tiny_lcm_path, num_pairs)
     _full_graph_loss(policy, algorithm, batch, targets, config).backward()
