@@ -596,6 +596,51 @@ def test_scoring_rewards_beside_sampling_gives_the_sequential_results(tiny_lcm_p
     assert runs[True] == runs[False]
 
 
+def test_a_reward_drawing_random_numbers_gets_a_seeded_generator_and_runs_without_grad(tiny_lcm_path, tmp_path,
+                                                                                         monkeypatch):
+    (tmp_path / "noisy_reward.py").write_text(textwrap.dedent("""
+        import time, torch
+        grad_enabled = []
+        def reward(images, prompts, generator=None):
+            grad_enabled.append(torch.is_grad_enabled())
+            time.sleep(0.05)  # overlapped, the next batch samples meanwhile, drawing from torch's global RNG
+            return images.mean(dim=(1, 2, 3)) + torch.rand(len(prompts), generator=generator)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import noisy_reward
+
+    runs = {}
+    for overlap in (True, False):
+        config = tiny_config(tiny_lcm_path, tmp_path / str(overlap), num_epochs=2, **{
+            "reward.name": "noisy_reward:reward", "sample.overlap_reward": overlap, "grid.num_prompts": 0})
+        runs[overlap] = [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(train(config))]
+    assert len(noisy_reward.grad_enabled) == 2 * 2 * 2 and not any(noisy_reward.grad_enabled)
+    assert runs[True] == runs[False]
+
+
+def test_the_reward_thread_takes_the_calling_threads_autocast_and_a_generator_per_batch():
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    seen = []
+
+    def reward(outputs, prompts, generator=None):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_grad_enabled(),
+                     torch.rand(1, generator=generator).item()))
+        return torch.zeros(len(prompts))
+
+    batch = SimpleNamespace(outputs=torch.zeros(2, 3, 4, 4), prompts=["a", "b"])
+    with ThreadPoolExecutor(max_workers=1) as scorer:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            trainer._submit_score(scorer, "cpu", reward, batch, "r", 0, "", trainer._reward_generator(0, 0, 0, 0)).result()
+        trainer._submit_score(scorer, "cpu", reward, batch, "r", 0, "", trainer._reward_generator(0, 0, 0, 0)).result()
+        for other in [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)]:
+            trainer._submit_score(scorer, "cpu", reward, batch, "r", 0, "", trainer._reward_generator(*other)).result()
+    assert seen[0][:3] == (True, torch.bfloat16, False) and seen[1][:3] == (False, seen[1][1], False)
+    draws = [s[3] for s in seen]
+    assert draws[0] == draws[1] and len(set(draws[1:])) == 5  # (seed, process, epoch, batch) each change the draws
+
+
 def text_config(logdir: Path, **overrides):
     """The text quickstart, cut to a few seconds: the shipped tiny addition LM, 2 epochs of 8 prompts."""
     from configs.quickstart_text_rebel import get_config as text_quickstart
