@@ -682,6 +682,90 @@ def test_two_text_processes_end_with_identical_weights(tmp_path):
     assert any(rank0[k].abs().sum() > 0 for k in rank0 if "lora_B" in k), "no update happened"
 
 
+# Temperature 2: the two responses of a pair differ (the tiny LM often repeats itself at 0.7, and a pair of equal
+# responses has no gradient).
+PER_PROCESS_TARGETS = {"num_epochs": 1, "grid.num_prompts": 0, "sample.batch_size": 8, "sample.num_batches_per_epoch": 1,
+                       "train.batch_size": 8, "train.gradient_accumulation_steps": 1, "train.num_inner_epochs": 1,
+                       "model.temperature": 2.0, "reward.name": "rank_reward:reward"}
+
+
+def test_each_process_trains_on_its_own_rows_of_the_targets(tmp_path):
+    # Two ranks whose rewards differ; each records its local gradient as DDP hands it to the all-reduce (a comm hook),
+    # its samples and the targets of all processes. Each local gradient must be one process's gradient on the rank's
+    # own samples with the rank's own rows of the targets.
+    (tmp_path / "rank_reward.py").write_text(
+        "import os, torch\n"
+        "def reward(responses, prompts):\n"
+        "    rank = int(os.environ['RANK'])\n"
+        "    return torch.tensor([float(sum(map(ord, p + r)) % 7) * (1 - 3 * rank) + 5 * rank\n"
+        "                         for p, r in zip(prompts, responses)])\n")
+    script = write_script(tmp_path / "target_ranks.py", f"""
+        import dataclasses, sys, torch
+        import torch.distributed.algorithms.ddp_comm_hooks.default_hooks as default_hooks
+        sys.path.insert(0, {str(tmp_path)!r})
+        import rebel_diffusion.trainer as trainer
+        from rebel_diffusion.algorithms import ALGORITHMS
+        from test_trainer import PER_PROCESS_TARGETS, text_config
+
+        record = {{}}
+
+        class RecordingAccelerator(trainer.Accelerator):
+            def prepare(self, *args, **kwargs):
+                prepared = super().prepare(*args, **kwargs)
+                ddp = prepared[0]
+                names = {{p: n for n, p in ddp.module.named_parameters()}}
+                record["initial"] = {{n: p.detach().clone() for n, p in ddp.module.named_parameters() if p.requires_grad}}
+
+                def hook(state, bucket):  # before the all-reduce: this rank's own gradient
+                    for p, g in zip(bucket.parameters(), bucket.gradients()):
+                        record.setdefault("local_grads", {{}})[names[p]] = g.detach().clone()
+                    return default_hooks.allreduce_hook(None, bucket)
+
+                ddp.register_comm_hook(None, hook)
+                return prepared
+
+        rebel = ALGORITHMS["rebel"]
+        def targets(*args):
+            record["targets"] = rebel.targets(*args)
+            return record["targets"]
+        ALGORITHMS["rebel"] = dataclasses.replace(rebel, targets=targets)
+        original_cat = trainer.Trajectory.cat
+        def cat(batches):
+            record["samples"] = original_cat(batches)
+            return record["samples"]
+        trainer.Trajectory.cat = cat
+        trainer.Accelerator = RecordingAccelerator
+        config = text_config({str(tmp_path)!r}, **PER_PROCESS_TARGETS)
+        trainer.train(config)
+        torch.save(record, {str(tmp_path)!r} + f"/rank{{trainer.PartialState().process_index}}.pt")
+    """)
+    launch_two_processes(script)
+    from accelerate import Accelerator
+
+    from rebel_diffusion.policies import make_policy
+
+    records = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    all_targets = records[0]["targets"]
+    assert (records[1]["targets"] == all_targets).all() and all_targets.shape == (16, 2)
+    halves = torch.as_tensor(all_targets, dtype=torch.float32).reshape(2, -1)
+    assert not torch.equal(halves[0], halves[1])  # the rewards differ per process, so do the targets
+    config = text_config(tmp_path / "one", **PER_PROCESS_TARGETS)
+    policy = make_policy(config, torch.device("cpu"), torch.float32)
+    for rank, record in enumerate(records):
+        with torch.no_grad():
+            for name, param in policy.model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(record["initial"][name])
+        _zero_grads(policy)
+        trainer.pair_loss_gradients(Accelerator(cpu=True), policy, ALGORITHMS["rebel"], record["samples"], halves[rank],
+                                    config)
+        names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+        assert sorted(record["local_grads"]) == sorted(names)
+        expected = _grads(policy)
+        assert any(g.abs().sum() > 0 for g in expected), rank
+        _assert_grads_close([record["local_grads"][n] for n in names], expected)
+
+
 def test_a_prompt_longer_than_the_context_is_rejected_before_training(tmp_path):
     (tmp_path / "long.txt").write_text("1+2=\n" + "9" * 5000 + "+1=\n")
     with pytest.raises(ConfigError, match=r"prompt_file: prompt '9999.*' has \d+ tokens; the model's context of \d+ "
