@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
+from rebel_diffusion.config_keys import check_config_keys
 from rebel_diffusion.model_card import write_model_card
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
@@ -191,6 +192,10 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
                 check_reward_name(name)
             except ValueError as e:
                 raise ConfigError(f"eval.rewards: {e}") from None
+    try:  # a key set for another policy or reward, before anything loads
+        check_config_keys(config, _eval_reward_names(config) if config.eval.prompt_file else [])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return read_prompts(config.prompt_file), algorithm
 
 

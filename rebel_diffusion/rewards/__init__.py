@@ -144,6 +144,32 @@ def check_reward_name(name: str) -> None:
     parse_reward_spec(name)
 
 
+def _factory_options(factory: RewardFactory) -> frozenset[str] | None:
+    """The options a factory takes: its keyword parameters but `device` and `dtype`; None for `**options` (any)."""
+    parameters = inspect.signature(factory).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.name not in ("device", "dtype")
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def reward_options(spec: str) -> frozenset[str] | None:
+    """The `reward.*` options (without the prefix) that the rewards of a valid spec take, None when one takes any; a
+    `module:function` reward takes none (it is called as is)."""
+    options: set[str] = set()
+    for name, _ in parse_reward_spec(spec):
+        taken = _factory_options(_FACTORIES[name]) if name in _FACTORIES else frozenset()
+        if taken is None:
+            return None
+        options |= taken
+    return frozenset(options)
+
+
+def rewards_taking(option: str) -> list[str]:
+    """The registered rewards that take `option`."""
+    return [name for name in available_rewards() if option in (_factory_options(_FACTORIES[name]) or ())]
+
+
 def validate_scores(name: str, scores: Any, batch_size: int) -> torch.Tensor:
     """`scores` as a `(batch_size,)` float32 tensor, or `ValueError` naming the reward when it returned something else
     (a wrong shape or length, strings, None, complex numbers)."""
