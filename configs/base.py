@@ -80,7 +80,7 @@ def get_config() -> ConfigDict:
 
     config.rloo = ConfigDict()
     config.rloo.k = 4  # samples per prompt
-    config.rloo.clip_range = 0.2  # the clipped ratio, used from the second inner epoch on
+    config.rloo.clip_range = 0.2  # the clipped importance ratio pi / pi_old, used at every optimizer step
 
     config.grpo = ConfigDict()
     config.grpo.k = 4  # samples per prompt

@@ -32,11 +32,12 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
+from rebel_diffusion.config_keys import check_config_keys
 from rebel_diffusion.model_card import write_model_card
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
-from rebel_diffusion.rewards import RewardSetupError, check_reward_name, make_reward_fn, reward_kind
+from rebel_diffusion.rewards import RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind
 from rebel_diffusion.stop_together import stop_together
 from rebel_diffusion.trajectory import Trajectory
 
@@ -191,6 +192,10 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
                 check_reward_name(name)
             except ValueError as e:
                 raise ConfigError(f"eval.rewards: {e}") from None
+    try:  # a key set for another policy or reward, before anything loads
+        check_config_keys(config, _eval_reward_names(config) if config.eval.prompt_file else [])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return read_prompts(config.prompt_file), algorithm
 
 
@@ -426,12 +431,41 @@ def pair_loss_gradients(accelerator: Accelerator, policy: Policy, algorithm: Alg
     return {"loss": torch.stack(losses).mean()}
 
 
-def _score(reward_fn: Callable, trajectory: Trajectory, name: str, epoch: int,
-           kept: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _reward_generator(seed: int, process: int, epoch: int, batch: int) -> torch.Generator:
+    """The generator a reward that draws random numbers gets for one sampling batch: a function of (seed, process,
+    epoch, batch) only, so that overlapping the reward with sampling, or resuming, does not change its draws."""
+    state = np.random.SeedSequence([seed & (2**64 - 1), process, epoch, batch]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    """Whether autocast is on in the calling thread for `device_type`, and its dtype (autocast is thread-local)."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    if device_type == "cpu":
+        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+def _submit_score(scorer: ThreadPoolExecutor, device_type: str, *score_args: Any) -> Future:
+    """Run `_score(*score_args)` in the worker thread under `no_grad` and the autocast state of the calling thread:
+    grad mode and autocast are thread-local, and the worker must score as the sampling thread would."""
+    enabled, dtype = _autocast_state(device_type)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return _score(*score_args)
+
+    return scorer.submit(run)
+
+
+def _score(reward_fn: Callable, trajectory: Trajectory, name: str, epoch: int, kept: str,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A batch's rewards `(B,)` float32 and, for a weighted reward, its components; any failure of the reward becomes
-    one `RewardError` line naming the reward, the epoch and the batch's first prompt."""
+    one `RewardError` line naming the reward, the epoch and the batch's first prompt. A reward that takes a
+    `generator` keyword gets `generator`."""
     try:
-        rewards = reward_fn(trajectory.outputs, trajectory.prompts).float()
+        rewards = call_reward(reward_fn, trajectory.outputs, trajectory.prompts, generator).float()
     except Exception as e:  # any failure of user code; reported as one line, the last checkpoint is intact
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RewardError(f"epoch {epoch}: reward {name!r} failed on the batch whose first prompt is "
@@ -626,12 +660,14 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         # Batch i is scored in a worker thread while batch i+1 samples; the rewards are the same as in sequence.
         with ThreadPoolExecutor(max_workers=1) as scorer:
             pending = None
-            for _ in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
-                          disable=not is_main):
+            for batch_index in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
+                                    disable=not is_main):
                 batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
                 trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
                 diversities.append(policy.diversity(trajectory.outputs, trajectory.prompts))
-                scored = scorer.submit(_score, reward_fn, trajectory, config.reward.name, epoch, kept)
+                generator = _reward_generator(config.seed, accelerator.process_index, epoch, batch_index)
+                scored = _submit_score(scorer, accelerator.device.type, reward_fn, trajectory, config.reward.name,
+                                       epoch, kept, generator)
                 if not config.sample.overlap_reward:
                     scored.result()
                 if pending is not None:

@@ -39,3 +39,18 @@ def test_factories_receive_only_the_options_they_name():
     reward_fn = make_reward_fn("test_only_scale", device="cpu", scale=3.0, head_path="/x", batch_size=4)
     assert seen == {"device": "cpu", "scale": 3.0}
     assert reward_fn(torch.ones(1, 3, 2, 2), ["p"]).item() == 3.0
+
+
+def test_a_reward_taking_a_generator_gets_it_alone_and_in_a_weighted_list(tmp_path, monkeypatch):
+    (tmp_path / "gen_rewards.py").write_text(
+        "import torch\n"
+        "def noisy(outputs, prompts, generator=None):\n    return torch.rand(len(prompts), generator=generator)\n"
+        "def plain(outputs, prompts):\n    return torch.ones(len(prompts))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images, prompts = torch.zeros(3, 3, 4, 4), ["a", "b", "c"]
+    alone = make_reward_fn("gen_rewards:noisy")
+    weighted = make_reward_fn("gen_rewards:noisy:2.0,gen_rewards:plain:1.0")
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(alone(images, prompts, generator=torch.Generator().manual_seed(7)), expected)
+    torch.testing.assert_close(weighted(images, prompts, generator=torch.Generator().manual_seed(7)), 2 * expected + 1)
+    assert alone(images, prompts).shape == (3,)  # without a generator, the function's default applies

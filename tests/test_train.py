@@ -38,6 +38,8 @@ def test_bad_input_gives_one_line_and_a_non_zero_exit(tmp_path):
         "image reward on text": (["--config.policy=causal_lm", "--config.model.pretrained=assets/tiny-lm",
                                   "--config.reward.name=shape_fidelity"],
                                  "reward 'shape_fidelity' scores image outputs, but policy 'causal_lm' produces text"),
+        "key of another policy": (["--config.model.max_new_tokens=10"],
+                                  "model.max_new_tokens does not apply to policy 'lcm' (only to causal_lm)"),
     }
     results = run_all({name: args for name, (args, _) in cases.items()}, tmp_path)
     for name, (_, message) in cases.items():

@@ -489,20 +489,25 @@ def _full_graph_loss(policy, algorithm, batch, targets, config):
     if algorithm.pair_loss is not None:
         ratio = (log_prob - batch.log_probs).sum(dim=1)
         return algorithm.pair_loss(ratio[0::2], ratio[1::2], targets[0::2], targets[1::2], config)
+    if algorithm.name == "rloo":  # written out here, not through the algorithm: PPO's objective summed over steps
+        ratio, eps, advantages = torch.exp(log_prob - batch.log_probs), config.rloo.clip_range, targets[:, None]
+        objective = torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+        return -(objective * batch.mask).sum(dim=1).mean()
     loss, _ = algorithm.step_loss(log_prob, batch.log_probs, targets, config, 0)
     if config.kl_coef > 0:
         loss = loss + config.kl_coef * kl
     return loss.mean() if algorithm.step_reduction == "mean" else loss.sum(dim=1).mean()
 
 
-@pytest.mark.parametrize("name, num_pairs", [("rebel", 1), ("rebel", 3), ("online_dpo", 2), ("ppo", 2), ("grpo", 2)])
+@pytest.mark.parametrize("name, num_pairs", [("rebel", 1), ("rebel", 3), ("online_dpo", 2), ("ppo", 2), ("grpo", 2),
+                                             ("rloo", 2)])
 def test_per_step_gradients_equal_the_full_graph(tiny_lcm_path, name, num_pairs):
     from accelerate import Accelerator
 
     algorithm = ALGORITHMS[name]
     config = get_config()
     config.kl_coef = 0.0 if algorithm.kl_in_reward else 0.3  # the KL loss term is part of the gradient checked
-    config.ppo.clip_range = config.grpo.clip_range = 0.05
+    config.ppo.clip_range = config.grpo.clip_range = config.rloo.clip_range = 0.05
     config.dpo.beta = 5.0
     policy, batch, targets = _policy_and_pairs(tiny_lcm_path, num_pairs)
     _full_graph_loss(policy, algorithm, batch, targets, config).backward()
@@ -591,6 +596,51 @@ def test_scoring_rewards_beside_sampling_gives_the_sequential_results(tiny_lcm_p
     assert runs[True] == runs[False]
 
 
+def test_a_reward_drawing_random_numbers_gets_a_seeded_generator_and_runs_without_grad(tiny_lcm_path, tmp_path,
+                                                                                         monkeypatch):
+    (tmp_path / "noisy_reward.py").write_text(textwrap.dedent("""
+        import time, torch
+        grad_enabled = []
+        def reward(images, prompts, generator=None):
+            grad_enabled.append(torch.is_grad_enabled())
+            time.sleep(0.05)  # overlapped, the next batch samples meanwhile, drawing from torch's global RNG
+            return images.mean(dim=(1, 2, 3)) + torch.rand(len(prompts), generator=generator)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import noisy_reward
+
+    runs = {}
+    for overlap in (True, False):
+        config = tiny_config(tiny_lcm_path, tmp_path / str(overlap), num_epochs=2, **{
+            "reward.name": "noisy_reward:reward", "sample.overlap_reward": overlap, "grid.num_prompts": 0})
+        runs[overlap] = [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(train(config))]
+    assert len(noisy_reward.grad_enabled) == 2 * 2 * 2 and not any(noisy_reward.grad_enabled)
+    assert runs[True] == runs[False]
+
+
+def test_the_reward_thread_takes_the_calling_threads_autocast_and_a_generator_per_batch():
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    seen = []
+
+    def reward(outputs, prompts, generator=None):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_grad_enabled(),
+                     torch.rand(1, generator=generator).item()))
+        return torch.zeros(len(prompts))
+
+    batch = SimpleNamespace(outputs=torch.zeros(2, 3, 4, 4), prompts=["a", "b"])
+    with ThreadPoolExecutor(max_workers=1) as scorer:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            trainer._submit_score(scorer, "cpu", reward, batch, "r", 0, "", trainer._reward_generator(0, 0, 0, 0)).result()
+        trainer._submit_score(scorer, "cpu", reward, batch, "r", 0, "", trainer._reward_generator(0, 0, 0, 0)).result()
+        for other in [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)]:
+            trainer._submit_score(scorer, "cpu", reward, batch, "r", 0, "", trainer._reward_generator(*other)).result()
+    assert seen[0][:3] == (True, torch.bfloat16, False) and seen[1][:3] == (False, seen[1][1], False)
+    draws = [s[3] for s in seen]
+    assert draws[0] == draws[1] and len(set(draws[1:])) == 5  # (seed, process, epoch, batch) each change the draws
+
+
 def text_config(logdir: Path, **overrides):
     """The text quickstart, cut to a few seconds: the shipped tiny addition LM, 2 epochs of 8 prompts."""
     from configs.quickstart_text_rebel import get_config as text_quickstart
@@ -630,6 +680,90 @@ def test_two_text_processes_end_with_identical_weights(tmp_path):
     assert rank0.keys() == rank1.keys() and rank0
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(rank0[k].abs().sum() > 0 for k in rank0 if "lora_B" in k), "no update happened"
+
+
+# Temperature 2: the two responses of a pair differ (the tiny LM often repeats itself at 0.7, and a pair of equal
+# responses has no gradient).
+PER_PROCESS_TARGETS = {"num_epochs": 1, "grid.num_prompts": 0, "sample.batch_size": 8, "sample.num_batches_per_epoch": 1,
+                       "train.batch_size": 8, "train.gradient_accumulation_steps": 1, "train.num_inner_epochs": 1,
+                       "model.temperature": 2.0, "reward.name": "rank_reward:reward"}
+
+
+def test_each_process_trains_on_its_own_rows_of_the_targets(tmp_path):
+    # Two ranks whose rewards differ; each records its local gradient as DDP hands it to the all-reduce (a comm hook),
+    # its samples and the targets of all processes. Each local gradient must be one process's gradient on the rank's
+    # own samples with the rank's own rows of the targets.
+    (tmp_path / "rank_reward.py").write_text(
+        "import os, torch\n"
+        "def reward(responses, prompts):\n"
+        "    rank = int(os.environ['RANK'])\n"
+        "    return torch.tensor([float(sum(map(ord, p + r)) % 7) * (1 - 3 * rank) + 5 * rank\n"
+        "                         for p, r in zip(prompts, responses)])\n")
+    script = write_script(tmp_path / "target_ranks.py", f"""
+        import dataclasses, sys, torch
+        import torch.distributed.algorithms.ddp_comm_hooks.default_hooks as default_hooks
+        sys.path.insert(0, {str(tmp_path)!r})
+        import rebel_diffusion.trainer as trainer
+        from rebel_diffusion.algorithms import ALGORITHMS
+        from test_trainer import PER_PROCESS_TARGETS, text_config
+
+        record = {{}}
+
+        class RecordingAccelerator(trainer.Accelerator):
+            def prepare(self, *args, **kwargs):
+                prepared = super().prepare(*args, **kwargs)
+                ddp = prepared[0]
+                names = {{p: n for n, p in ddp.module.named_parameters()}}
+                record["initial"] = {{n: p.detach().clone() for n, p in ddp.module.named_parameters() if p.requires_grad}}
+
+                def hook(state, bucket):  # before the all-reduce: this rank's own gradient
+                    for p, g in zip(bucket.parameters(), bucket.gradients()):
+                        record.setdefault("local_grads", {{}})[names[p]] = g.detach().clone()
+                    return default_hooks.allreduce_hook(None, bucket)
+
+                ddp.register_comm_hook(None, hook)
+                return prepared
+
+        rebel = ALGORITHMS["rebel"]
+        def targets(*args):
+            record["targets"] = rebel.targets(*args)
+            return record["targets"]
+        ALGORITHMS["rebel"] = dataclasses.replace(rebel, targets=targets)
+        original_cat = trainer.Trajectory.cat
+        def cat(batches):
+            record["samples"] = original_cat(batches)
+            return record["samples"]
+        trainer.Trajectory.cat = cat
+        trainer.Accelerator = RecordingAccelerator
+        config = text_config({str(tmp_path)!r}, **PER_PROCESS_TARGETS)
+        trainer.train(config)
+        torch.save(record, {str(tmp_path)!r} + f"/rank{{trainer.PartialState().process_index}}.pt")
+    """)
+    launch_two_processes(script)
+    from accelerate import Accelerator
+
+    from rebel_diffusion.policies import make_policy
+
+    records = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    all_targets = records[0]["targets"]
+    assert (records[1]["targets"] == all_targets).all() and all_targets.shape == (16, 2)
+    halves = torch.as_tensor(all_targets, dtype=torch.float32).reshape(2, -1)
+    assert not torch.equal(halves[0], halves[1])  # the rewards differ per process, so do the targets
+    config = text_config(tmp_path / "one", **PER_PROCESS_TARGETS)
+    policy = make_policy(config, torch.device("cpu"), torch.float32)
+    for rank, record in enumerate(records):
+        with torch.no_grad():
+            for name, param in policy.model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(record["initial"][name])
+        _zero_grads(policy)
+        trainer.pair_loss_gradients(Accelerator(cpu=True), policy, ALGORITHMS["rebel"], record["samples"], halves[rank],
+                                    config)
+        names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+        assert sorted(record["local_grads"]) == sorted(names)
+        expected = _grads(policy)
+        assert any(g.abs().sum() > 0 for g in expected), rank
+        _assert_grads_close([record["local_grads"][n] for n in names], expected)
 
 
 def test_a_prompt_longer_than_the_context_is_rejected_before_training(tmp_path):

@@ -1,5 +1,9 @@
 """RLOO: REINFORCE with a leave-one-out baseline over k samples per prompt (Kool et al. 2019; the REBEL paper's text
-baseline). One inner epoch is plain REINFORCE; more inner epochs reuse the samples through PPO's clipped ratio."""
+baseline), through PPO's per-step clipped importance ratio `pi / pi_old` against the sampling policy.
+
+The ratio is needed whenever the policy may have moved since sampling: from the second optimizer step of an epoch on
+(several steps per epoch), and in every later inner epoch. At ratio 1 (the first step) the clipped objective's gradient
+is REINFORCE's, `-A grad ln pi`, so the ratio is always used."""
 
 from __future__ import annotations
 
@@ -28,12 +32,9 @@ def _targets(rewards: np.ndarray, prompts: list[str], tracker: PerPromptStatTrac
 
 def _step_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, targets: torch.Tensor, config: ConfigDict,
                inner_epoch: int) -> tuple[torch.Tensor, Stats]:
-    log_ratio = log_prob - old_log_prob
-    if config.train.num_inner_epochs == 1:
-        # -A * log pi: the REINFORCE gradient; the samples are used once, so no importance ratio is needed.
-        info = {"approx_kl": 0.5 * log_ratio.detach().pow(2)}
-        return -targets.to(log_prob.dtype)[:, None] * log_prob, info
-    return clipped_surrogate(log_ratio, targets, config.rloo.clip_range)
+    # Not plain REINFORCE (-A * log pi) even with one inner epoch: after the epoch's first optimizer step the policy has
+    # moved, and its samples are off-policy. At ratio 1 the gradient is REINFORCE's, -A * grad log pi.
+    return clipped_surrogate(log_prob - old_log_prob, targets, config.rloo.clip_range)
 
 
 def _check(config: ConfigDict) -> None:

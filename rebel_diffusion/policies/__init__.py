@@ -25,9 +25,12 @@ class Policy(Protocol):
             prepared (wrapped) module, and the policy must call its network through this attribute.
         num_actions: T, the most steps a trajectory has.
         has_reference: whether `kl` can compare with a reference (False when all weights train, with no adapter).
+        config_keys: the dotted config keys `from_config` reads, so that one set for another policy is rejected
+            (`rebel_diffusion.config_keys`).
     """
 
     kind: str
+    config_keys: frozenset[str]
     model: torch.nn.Module
     num_actions: int
     has_reference: bool

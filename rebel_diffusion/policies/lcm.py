@@ -175,6 +175,10 @@ class LCMPolicy:
     """
 
     kind = "image"
+    config_keys = frozenset({
+        "model.pretrained", "model.num_steps", "model.guidance_scale", "model.logprob_reduction", "lora.rank",
+        "lora.alpha", "lora.init", "lora.targets", "resolution", "sample.decode_batch_size", "train.gradient_checkpointing",
+    })
     has_reference = True  # the UNet with its LoRA adapter disabled
 
     def __init__(

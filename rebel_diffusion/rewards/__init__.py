@@ -3,6 +3,10 @@
 `images` is a float tensor `(B, 3, H, W)` in [0, 1] on any device; `prompts` a list of B strings. A reward is built by
 a factory `factory(device=..., dtype=..., **options) -> reward_fn`, so that heavy scorers (a CLIP model) are created
 once per process on that process's device. A `module:function` path names a user reward function directly.
+
+A reward function that draws random numbers takes a keyword `generator` (`reward_fn(outputs, prompts, generator=None)`):
+the trainer then passes a `torch.Generator` seeded from the run's seed, the process, the epoch and the sampling batch,
+so that its draws do not depend on what else runs at the same time (`call_reward`).
 """
 
 from __future__ import annotations
@@ -140,6 +144,32 @@ def check_reward_name(name: str) -> None:
     parse_reward_spec(name)
 
 
+def _factory_options(factory: RewardFactory) -> frozenset[str] | None:
+    """The options a factory takes: its keyword parameters but `device` and `dtype`; None for `**options` (any)."""
+    parameters = inspect.signature(factory).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.name not in ("device", "dtype")
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def reward_options(spec: str) -> frozenset[str] | None:
+    """The `reward.*` options (without the prefix) that the rewards of a valid spec take, None when one takes any; a
+    `module:function` reward takes none (it is called as is)."""
+    options: set[str] = set()
+    for name, _ in parse_reward_spec(spec):
+        taken = _factory_options(_FACTORIES[name]) if name in _FACTORIES else frozenset()
+        if taken is None:
+            return None
+        options |= taken
+    return frozenset(options)
+
+
+def rewards_taking(option: str) -> list[str]:
+    """The registered rewards that take `option`."""
+    return [name for name in available_rewards() if option in (_factory_options(_FACTORIES[name]) or ())]
+
+
 def validate_scores(name: str, scores: Any, batch_size: int) -> torch.Tensor:
     """`scores` as a `(batch_size,)` float32 tensor, or `ValueError` naming the reward when it returned something else
     (a wrong shape or length, strings, None, complex numbers)."""
@@ -161,11 +191,28 @@ def validate_scores(name: str, scores: Any, batch_size: int) -> torch.Tensor:
     return tensor.float()
 
 
-def _validated(name: str, fn: RewardFn) -> RewardFn:
-    """`fn` whose scores are checked by `validate_scores` (and returned as float32) at every call."""
+def takes_generator(fn: Callable) -> bool:
+    """Whether `fn` accepts a keyword argument named `generator` (a reward that draws random numbers)."""
+    try:
+        parameter = inspect.signature(fn).parameters.get("generator")
+    except (TypeError, ValueError):  # a builtin or a C extension without a signature
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
-    def reward_fn(outputs: Any, prompts: list[str]) -> torch.Tensor:
-        return validate_scores(name, fn(outputs, prompts), len(prompts))
+
+def call_reward(fn: Callable, outputs: Any, prompts: list[str], generator: torch.Generator | None = None) -> Any:
+    """`fn(outputs, prompts)`, with `generator=generator` when one is given and `fn` takes it."""
+    if generator is not None and takes_generator(fn):
+        return fn(outputs, prompts, generator=generator)
+    return fn(outputs, prompts)
+
+
+def _validated(name: str, fn: RewardFn) -> RewardFn:
+    """`fn` whose scores are checked by `validate_scores` (and returned as float32) at every call; a `generator` is
+    passed on when `fn` takes one."""
+
+    def reward_fn(outputs: Any, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        return validate_scores(name, call_reward(fn, outputs, prompts, generator), len(prompts))
 
     return reward_fn
 
@@ -198,8 +245,9 @@ class WeightedReward:
         self._fns = [fn for _, _, fn in components]
         self.last_components: dict[str, torch.Tensor] = {}
 
-    def __call__(self, outputs: Any, prompts: list[str]) -> torch.Tensor:
-        scores = [fn(outputs, prompts) for fn in self._fns]
+    def __call__(self, outputs: Any, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        # One generator, drawn from by the components in spec order: deterministic as long as the order is.
+        scores = [call_reward(fn, outputs, prompts, generator) for fn in self._fns]
         self.last_components = dict(zip(self.names, scores))
         if len(scores) == 1 and self.weights[0] == 1.0:
             # A lone unweighted reward is returned as is, bit for bit.
