@@ -5,9 +5,11 @@ against its floor of UNet passes, update memory against the horizon, and an epoc
     python benchmarks/bench.py --quick                         # the smoke test: tiny models, one round, batch 2
     python benchmarks/bench.py --device cuda --full-size       # SD-1.5-shaped at 768 px on a GPU (unverified)
 
-Every ratio compares medians of `--repeats` timings taken round-robin (one of each case, then again), so that the
-drift of a shared machine hits every case alike. The markdown table is printed row by row as each is measured (and
-appended to `--out FILE` when given).
+Timings are taken round-robin over `--repeats` rounds (one of each case, then again), so that the drift of a shared
+machine hits every case alike. Each row's ratio is computed round by round (the cases of one round against each other),
+and reported as the median of the per-round ratios with their spread, min to max. A target counts as met only when the
+whole spread is inside it. The markdown table is printed row by row as each is measured (and appended to `--out FILE`
+when given).
 """
 
 from __future__ import annotations
@@ -46,7 +48,99 @@ from rebel_diffusion.trajectory import Trajectory  # noqa: E402
 TINY_LCM = REPO / "assets" / "tiny-lcm"
 TINY_LM = REPO / "assets" / "tiny-lm"
 PROMPT = "a red circle on a white background"
-Row = tuple[str, str, float, str, str]  # model, measurement, ratio, detail, target
+Row = tuple[str, str, float, str, str]  # model, measurement, ratio (a `Ratio` when timed in rounds), detail, target
+
+
+class Timing(float):
+    """A case's seconds: the median over its rounds (the float value), with every round's seconds in `rounds`.
+
+    Arithmetic acts round by round, so that a floor built from several cases (`T * pass + decode`) is that sum in each
+    round, and dividing two timings gives a `Ratio` of per-round ratios. A plain number acts on every round alike.
+    """
+
+    rounds: tuple[float, ...]
+
+    def __new__(cls, rounds: list[float] | tuple[float, ...]) -> Timing:
+        if not rounds:
+            raise ValueError("a timing needs at least one round")
+        timing = super().__new__(cls, statistics.median(rounds))
+        timing.rounds = tuple(float(r) for r in rounds)
+        return timing
+
+    def _pairs(self, other: object) -> list[tuple[float, float]] | None:
+        if isinstance(other, Timing):
+            if len(other.rounds) != len(self.rounds):
+                raise ValueError(f"timings of {len(self.rounds)} and {len(other.rounds)} rounds do not pair up")
+            return list(zip(self.rounds, other.rounds))
+        if isinstance(other, (int, float)):
+            return [(r, float(other)) for r in self.rounds]
+        return None
+
+    def __add__(self, other: object) -> Timing:
+        pairs = self._pairs(other)
+        return NotImplemented if pairs is None else Timing([a + b for a, b in pairs])
+
+    __radd__ = __add__
+
+    def __mul__(self, other: object) -> Timing:
+        if isinstance(other, Timing):
+            return NotImplemented  # seconds squared mean nothing here
+        pairs = self._pairs(other)
+        return NotImplemented if pairs is None else Timing([a * b for a, b in pairs])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: object) -> Timing | Ratio:
+        pairs = self._pairs(other)
+        if pairs is None:
+            return NotImplemented
+        quotients = [a / b for a, b in pairs]
+        return Ratio(quotients) if isinstance(other, Timing) else Timing(quotients)
+
+
+class Ratio(float):
+    """A ratio measured in rounds: the median of the per-round ratios (the float value), `low` and `high` their min and
+    max, `rounds` all of them."""
+
+    rounds: tuple[float, ...]
+
+    def __new__(cls, rounds: list[float] | tuple[float, ...]) -> Ratio:
+        if not rounds:
+            raise ValueError("a ratio needs at least one round")
+        ratio = super().__new__(cls, statistics.median(rounds))
+        ratio.rounds = tuple(float(r) for r in rounds)
+        return ratio
+
+    @property
+    def low(self) -> float:
+        return min(self.rounds)
+
+    @property
+    def high(self) -> float:
+        return max(self.rounds)
+
+
+def spread(ratio: float) -> tuple[float, float]:
+    """The min and max of a ratio over its rounds; a single measurement (a plain float) is its own spread."""
+    return (ratio.low, ratio.high) if isinstance(ratio, Ratio) else (float(ratio), float(ratio))
+
+
+def verdict(ratio: float, target: str) -> str:
+    """"met" when the ratio's whole spread satisfies `target` ("<= 1.05", "< 1"), "not met" when its median does not,
+    and "not met (spread crosses it)" when the median does but some round does not; "" without a target. A timing of
+    a single round has no spread to judge: "no verdict (one round)". A plain float is an exact count (memory), judged
+    as it is."""
+    if not target:
+        return ""
+    if isinstance(ratio, Ratio) and len(ratio.rounds) < 2:
+        return "no verdict (one round)"
+    operator, bound = target.split()
+    holds = {"<=": lambda x: x <= float(bound), "<": lambda x: x < float(bound),
+             ">=": lambda x: x >= float(bound), ">": lambda x: x > float(bound)}[operator]
+    low, high = spread(ratio)
+    if holds(low) and holds(high):  # every target is one-sided: the extremes decide for the whole spread
+        return "met"
+    return "not met (spread crosses it)" if holds(float(ratio)) else "not met"
 
 
 def synchronize(device: torch.device) -> None:
@@ -54,8 +148,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def medians(cases: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per case over `repeats` round-robin rounds, after one untimed warm-up call of each."""
+def medians(cases: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, Timing]:
+    """Seconds per case over `repeats` round-robin rounds, after one untimed warm-up call of each: a `Timing` each,
+    whose value is the median and whose ratios to the other cases are taken round by round."""
     for run in cases.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -66,7 +161,7 @@ def medians(cases: dict[str, Callable[[], object]], repeats: int, device: torch.
             run()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: Timing(values) for name, values in times.items()}
 
 
 def ms(seconds: float) -> str:
@@ -392,8 +487,8 @@ def epoch_rows(policy: LCMPolicy, repeats: int, quick: bool) -> list[Row]:
             "reward": lambda: reward_fn(samples.outputs, samples.prompts),
         }, repeats, device)
         # The warm-up run is left out, as for every other case; `seconds` is the epoch loop only, without model loading.
-        seconds = statistics.median(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["seconds"]
-                                    for run in runs[1:])
+        seconds = Timing([json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["seconds"]
+                          for run in runs[1:]])
     batches = config.sample.num_batches_per_epoch
     micro_batches = batches * config.sample.batch_size // config.train.batch_size
     # Sampling: num_steps UNet calls per batch; the logged KL: the adapted and the base UNet at each of the T steps of
@@ -438,8 +533,8 @@ def overlap_rows(repeats: int, quick: bool) -> list[Row]:
             return run
 
         medians({"overlap": epoch(True), "sequence": epoch(False)}, repeats, torch.device("cpu"))
-        seconds = {overlap: statistics.median(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["seconds"]
-                                              for run in found[1:])
+        seconds = {overlap: Timing([json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["seconds"]
+                                    for run in found[1:]])
                    for overlap, found in runs.items()}
     batches = 2 if quick else 4
     return [("tiny LCM", f"rebel epoch, reward scored beside sampling / in sequence ({batches} batches, reward latency "
@@ -474,7 +569,20 @@ def text_rows(batch: int, repeats: int, device: torch.device) -> list[Row]:
 # ---- main ----
 
 
-HEADER = "| model | measurement | ratio | medians | target |\n|---|---|---|---|---|"
+HEADER = ("| model | measurement | ratio | spread | medians | target | verdict |\n"
+          "|---|---|---|---|---|---|---|")
+
+
+def format_row(model: str, what: str, ratio: float, detail: str, target: str) -> str:
+    """One table line: the ratio's median, its spread over rounds, and whether the whole spread meets the target."""
+    low, high = spread(ratio)
+    if not isinstance(ratio, Ratio):
+        extent = "one measurement"
+    elif len(ratio.rounds) == 1:
+        extent = "one round"
+    else:
+        extent = f"{low:.3f} to {high:.3f} ({len(ratio.rounds)} rounds)"
+    return f"| {model} | {what} | {ratio:.3f} | {extent} | {detail} | {target} | {verdict(ratio, target)} |"
 
 
 class Table:
@@ -490,7 +598,7 @@ class Table:
 
     def add(self, rows: list[Row]) -> None:
         for model, what, ratio, detail, target in rows:
-            line = f"| {model} | {what} | {ratio:.3f} | {detail} | {target} |"
+            line = format_row(model, what, ratio, detail, target)
             self.lines.append(line)
             print(line, flush=True)
             if self.out is not None:
@@ -503,7 +611,7 @@ class Table:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case (medians)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case (median and spread)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny models only, one round, batch 2, a smaller epoch")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
