@@ -5,7 +5,8 @@ over seeds, at equal reward queries, compared by IQM with stratified bootstrap i
 
 Runs that already finished in `--logdir` are reused, so an interrupted sweep continues where it stopped. Writes
 `curves.png`, `curves.csv`, `final.csv` (IQM of the training reward and probability of improvement, from
-`rebel_diffusion.compare`) and `heldout.md` (held-out shape accuracy before and after training) to `--out`.
+`rebel_diffusion.compare`) and `gains.md` (each algorithm's training-reward gain and the change of each held-out
+metric, means over seeds with 95% t-intervals) to `--out`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,23 +55,52 @@ def run_one(algorithm: str, seed: int, logdir: Path, num_epochs: int) -> tuple[s
     return algorithm, seed, result.returncode
 
 
-def heldout_table(logdir: Path, algorithms: list[str], seeds: int) -> str:
-    """Held-out shape accuracy and fidelity before (epoch 0) and after training: mean and std over seeds."""
-    lines = ["| algorithm | runs | shape accuracy before | after | shape fidelity before | after |",
-             "| --- | --- | --- | --- | --- | --- |"]
+EVAL_METRICS = ("eval_large_shape", "eval_shape_accuracy", "eval_shape_fidelity", "eval_diversity")
+
+
+def mean_ci(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and its 95% Student-t interval over seeds (the seeds are independent runs)."""
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def gains_table(logdir: Path, algorithms: list[str], seeds: range) -> str:
+    """Per algorithm, over seeds: the training reward's gain (mean of the last 3 epochs minus the first epoch) and each
+    held-out metric's change (after the last epoch minus before the first), each a mean with its 95% t-interval."""
+    header = ["algorithm", "seeds", "training reward: first epoch", "last 3 epochs", "gain [95% CI]", "seeds up"]
+    lines = []
     for algorithm in algorithms:
-        rows = []
-        for seed in range(seeds):
-            path = logdir / f"{algorithm}_seed{seed}" / "eval.jsonl"
-            if path.is_file():
-                evals = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                rows.append([evals[0]["eval_shape_accuracy"], evals[-1]["eval_shape_accuracy"],
-                             evals[0]["eval_shape_fidelity"], evals[-1]["eval_shape_fidelity"]])
-        if rows:
-            values = np.asarray(rows)
-            cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(values.mean(0), values.std(0))]
-            lines.append(f"| {algorithm} | {len(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        runs = [logdir / f"{algorithm}_seed{seed}" for seed in seeds]
+        runs = [run for run in runs if (run / "metrics.jsonl").is_file() and (run / "eval.jsonl").is_file()]
+        if not runs:
+            continue
+        first, last3, evals = [], [], []
+        for run in runs:
+            rewards = [m["reward_mean"] for m in _read(run / "metrics.jsonl")]
+            first.append(rewards[0])
+            last3.append(np.mean(rewards[-3:]))
+            evals.append(_read(run / "eval.jsonl"))
+        first, last3 = np.asarray(first), np.asarray(last3)
+        gain, low, high = mean_ci(last3 - first)
+        cells = [algorithm, str(len(runs)), f"{first.mean():.3f}", f"{last3.mean():.3f}",
+                 f"{gain:+.3f} [{low:+.3f}, {high:+.3f}]", f"{int((last3 > first).sum())}/{len(runs)}"]
+        for name in EVAL_METRICS:
+            if all(name in e[0] and name in e[-1] for e in evals):
+                before = np.asarray([e[0][name] for e in evals])
+                after = np.asarray([e[-1][name] for e in evals])
+                change, low, high = mean_ci(after - before)
+                if not lines:
+                    header += [f"held-out {name.removeprefix('eval_')}: before", "after", "change [95% CI]"]
+                cells += [f"{before.mean():.3f}", f"{after.mean():.3f}", f"{change:+.3f} [{low:+.3f}, {high:+.3f}]"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *lines])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     groups = [f"{a}={logdir}/{a}_seed*" for a in args.algorithms]
     code = compare_main([*groups, "--metric", "reward_mean", "--x", "reward_queries", "--out", str(args.out)])
-    table = heldout_table(logdir, args.algorithms, args.seeds)
-    (args.out / "heldout.md").write_text(table + "\n")
+    table = gains_table(logdir, args.algorithms, range(args.seeds))
+    (args.out / "gains.md").write_text(table + "\n")
     print(table)
     return code
 
