@@ -242,13 +242,20 @@ def test_a_finished_run_resumed_with_its_num_epochs_says_so_and_writes_nothing(t
         check_resumable(text_config(tmp_path, num_epochs=0), run_dir / "checkpoints" / "epoch_0001")
 
 
-def test_a_changed_learning_rate_takes_effect_on_resume_and_is_recorded(text_run, tmp_path):
+def test_a_changed_learning_rate_takes_effect_on_resume_and_is_recorded(tmp_path, monkeypatch):
     """Old behaviour: the optimizer state brought back the checkpoint's learning rate, config.json said otherwise."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(text_run, run_dir)
-    assert read_metrics(run_dir)[0]["lr"] == 1e-2
+    one_step = {"train.gradient_accumulation_steps": 1}  # an optimizer step on the first micro-batch after the load
+    run_dir = train(text_config(tmp_path, num_epochs=1, **one_step))
+    used, step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     train(text_config(tmp_path, num_epochs=2, run_name="", resume_from=str(run_dir), save_freq=5,
-                      **{"train.learning_rate": 3e-3, "eval.every": 7}))
+                      **{"train.learning_rate": 3e-3, "eval.every": 7, **one_step}))
+    assert used == [3e-3] * 4
     assert [m["lr"] for m in read_metrics(run_dir)] == [1e-2, 3e-3]
     recorded = json.loads((run_dir / "config.json").read_text())
     assert (recorded["train"]["learning_rate"], recorded["num_epochs"], recorded["save_freq"]) == (3e-3, 2, 5)
