@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from configs.base import get_config
+from rebel_diffusion.checkpoints import CHECKPOINT_FILE
 from rebel_diffusion.plots import CELL, LABEL_WIDTH
 from rebel_diffusion.policies import make_policy
 from rebel_diffusion.sample import main
-from rebel_diffusion.checkpoints import CHECKPOINT_FILE
 from rebel_diffusion.trainer import train
 from tests.conftest import save_tiny_causal_lm
 
