@@ -26,7 +26,8 @@ from PIL import Image
 
 from rebel_diffusion.grids import save_image_grid
 from rebel_diffusion.policies import POLICIES, Policy, make_policy
-from rebel_diffusion.trainer import DTYPES, ConfigError, find_checkpoint, read_prompts
+from rebel_diffusion.checkpoints import find_checkpoint
+from rebel_diffusion.trainer import DTYPES, ConfigError, read_prompts
 
 # What a checkpoint folder holds for each policy: the diffusers LoRA file, a peft adapter, or (LoRA rank 0) full weights.
 LORA_FILES = {"lcm": ("pytorch_lora_weights.safetensors",), "causal_lm": ("adapter_model.safetensors", "model.safetensors")}

@@ -14,8 +14,6 @@ import datetime
 import json
 import os
 import random
-import re
-import shutil
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,54 +24,32 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
-from diffusers.optimization import get_scheduler
 from ml_collections import ConfigDict
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
+from rebel_diffusion.checkpoints import (TrainingProgress, _truncate_metrics, _write_atomic, check_resumable,
+                                         finished_epochs, load_checkpoint, lora_hooks, resume_checkpoint,
+                                         resumed_run_dir, save_checkpoint, verify_checkpoint)
 from rebel_diffusion.config_keys import check_config_keys
-from rebel_diffusion.model_card import write_model_card
+from rebel_diffusion.errors import CheckpointError, ConfigError  # noqa: F401 -- CheckpointError for train.py
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
 from rebel_diffusion.rewards import RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind
+from rebel_diffusion.schedule import OptimizerStepSchedule
 from rebel_diffusion.stop_together import stop_together
 from rebel_diffusion.trajectory import Trajectory
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CHECKPOINT_FILE = "checkpoint.json"
-
-
-class ConfigError(ValueError):
-    """A problem with the user's input, reported as one line before any compute is spent."""
 
 
 class NonFiniteError(RuntimeError):
     """A reward or a gradient came back NaN or infinite; the run stops with its last checkpoint intact."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (a full disk, permissions); the previous one is intact."""
-
-
 class RewardError(RuntimeError):
     """A reward function raised or returned something unusable; the run stops with its last checkpoint intact."""
-
-
-class TrainingProgress:
-    """Where the run is, saved with accelerate's state so that a resumed run continues exactly."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.reward_queries = 0
-        self.optimizer_steps = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        vars(self).update(state)
 
 
 def read_prompts(source: str | Path, key: str = "prompt_file") -> list[str]:
@@ -82,60 +58,6 @@ def read_prompts(source: str | Path, key: str = "prompt_file") -> list[str]:
         return read_prompt_source(source, key)
     except PromptSourceError as e:
         raise ConfigError(str(e)) from None
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """A run's finished checkpoints, oldest first (not the `.tmp`/`.old` folders of an interrupted write)."""
-    folders = (run_dir / "checkpoints").glob("epoch_*")
-    return sorted(p for p in folders if re.fullmatch(r"epoch_\d+", p.name) and (p / CHECKPOINT_FILE).is_file())
-
-
-def verify_checkpoint(checkpoint: Path) -> None:
-    """Read every file of a checkpoint before any of it is loaded, so that a damaged file (a truncated optimizer state,
-    LoRA weights or stat tracker) stops the resume with one line instead of training from a half-loaded state."""
-    for file in sorted(checkpoint.iterdir()):
-        try:
-            if file.suffix == ".safetensors":
-                load_file(file)
-            elif file.suffix in (".bin", ".pkl", ".pt"):
-                torch.load(file, map_location="cpu", weights_only=False)
-            elif file.suffix == ".json":
-                json.loads(file.read_text())
-        except Exception as e:  # every loader has its own error types; any of them means the file is unreadable
-            earlier = [c for c in complete_checkpoints(checkpoint.parent.parent) if c.name < checkpoint.name]
-            offer = (f"; resume from the previous one with --config.resume_from={earlier[-1]}" if earlier
-                     else "; no earlier checkpoint exists")
-            detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"checkpoint file {file} is damaged ({detail}){offer}") from None
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder itself, or the latest complete checkpoint in a run folder."""
-    path = Path(path)
-    if (path / CHECKPOINT_FILE).is_file():
-        return path
-    complete = complete_checkpoints(path)
-    if not complete:
-        raise ConfigError(f"resume_from {str(path)!r} is neither a checkpoint nor a run folder with checkpoints")
-    return complete[-1]
-
-
-def _is_run_folder(path: Path) -> bool:
-    """A folder `train` made: its config.json is a training config (a checkpoint of a fully fine-tuned model has a
-    config.json too, the model's)."""
-    try:
-        return {"algorithm", "policy", "reward"} <= json.loads((path / "config.json").read_text()).keys()
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def resume_checkpoint(path: str | Path) -> Path | None:
-    """What `resume_from` resumes: a checkpoint, or the latest complete one of a run folder; None for a run folder
-    stopped before its first checkpoint was complete, which then starts over from epoch 0 in the same folder."""
-    path = Path(path)
-    if not (path / CHECKPOINT_FILE).is_file() and _is_run_folder(path) and not complete_checkpoints(path):
-        return None
-    return find_checkpoint(path)
 
 
 def _get(config: ConfigDict, key: str) -> Any:
@@ -182,6 +104,7 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
             "train.gradient_accumulation_steps, so that every optimizer step sees whole groups in whole micro-batches"
         )
     if config.resume_from and (checkpoint := resume_checkpoint(config.resume_from)) is not None:
+        check_resumable(config, checkpoint)  # first: another run's checkpoint is named as such, not as damaged
         verify_checkpoint(checkpoint)
     if config.eval.prompt_file:
         if config.eval.every < 1 or config.eval.num_seeds < 1:
@@ -204,95 +127,16 @@ def _eval_reward_names(config: ConfigDict) -> list[str]:
     return [name.strip() for name in config.eval.rewards.split(",") if name.strip()] or [config.reward.name]
 
 
-def _resumed_run_dir(config: ConfigDict, checkpoint: Path | None) -> Path | None:
-    """The folder of the run `resume_from` continues (None for a fresh run)."""
-    if not config.resume_from:
-        return None
-    return checkpoint.parent.parent if checkpoint is not None else Path(config.resume_from)
-
-
 def _run_dir(config: ConfigDict, checkpoint: Path | None) -> Path:
     """<logdir>/<run_name>; a resumed run without a run_name continues in its own folder."""
     name = config.run_name
     if not name and config.resume_from:
-        return _resumed_run_dir(config, checkpoint)
+        return resumed_run_dir(config, checkpoint)
     if not name:
         stamp = [datetime.datetime.now().strftime("%Y%m%d_%H%M%S")]
         broadcast_object_list(stamp)  # every process must agree on the folder
         name = f"{config.algorithm}_{stamp[0]}"
     return Path(config.logdir) / name
-
-
-def _lora_hooks(accelerator: Accelerator, policy: Policy) -> None:
-    """Checkpoint only the LoRA weights, in diffusers' format, instead of the whole UNet."""
-
-    def save(models: list, weights: list, output_dir: str) -> None:
-        weights.clear()
-        if accelerator.is_main_process:
-            policy.save_lora(output_dir)
-
-    def load(models: list, input_dir: str) -> None:
-        models.clear()
-        policy.load_lora(input_dir)
-
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of `folder`, and the folder itself, to the disk."""
-    for path in [*sorted(p for p in folder.rglob("*") if p.is_file()), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep: int,
-                    config: ConfigDict | None = None, metrics: dict[str, Any] | None = None) -> Path:
-    """Write the full training state to `checkpoints/epoch_NNNN` atomically: into a temporary folder, then renamed.
-
-    A crash while writing leaves only the temporary folder behind; earlier checkpoints stay intact. With `config`, the
-    folder gets a model card (README.md) so that it uploads to a model hub as a proper page.
-    """
-    final = run_dir / "checkpoints" / f"epoch_{progress.epoch:04d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:  # what a killed run left half-written or half-deleted: epoch_NNNN.tmp/.old
-        for leftover in final.parent.glob("epoch_*.*"):
-            if re.fullmatch(r"epoch_\d+\.(tmp|old)", leftover.name):
-                shutil.rmtree(leftover, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if config is not None:
-                write_model_card(tmp, config.to_dict(), metrics)
-            (tmp / CHECKPOINT_FILE).write_text(json.dumps(progress.state_dict()))
-            _fsync_tree(tmp)  # on disk before the rename makes it the checkpoint, even if the machine goes down
-    except OSError as e:
-        # A half-written folder keeps its .tmp name, which resume never takes for a checkpoint; free its space.
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = complete_checkpoints(run_dir)
-        free = shutil.disk_usage(run_dir).free / 2**20
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; {free:.0f} MiB free on that "
-                              f"disk; {kept}") from None
-    if accelerator.is_main_process:
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        for stale in complete_checkpoints(run_dir)[:-keep]:
-            old = stale.with_name(stale.name + ".old")  # renamed first: a half-deleted folder is never taken for one
-            os.replace(stale, old)
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -309,30 +153,6 @@ def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(metrics) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace a file's content so that a crash leaves either the old or the new content, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _epoch_of(line: str) -> int | None:
-    """The epoch of a metrics line; None for a line cut short by a crash."""
-    try:
-        return json.loads(line)["epoch"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-def _truncate_metrics(path: Path, first_epoch: int) -> None:
-    """Drop lines logged after the checkpoint we resume from, so the file holds each epoch once, and a line cut short
-    by a crash."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines()
-                 if (epoch := _epoch_of(line)) is not None and epoch < first_epoch]
-        _write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _log_images(accelerator: Accelerator, tag: str, outputs: Any, step: int) -> None:
@@ -538,6 +358,10 @@ def train(config: ConfigDict) -> Path:
 def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> Path:
     """The run itself: setup, then one epoch after another, top to bottom."""
     last_checkpoint = resume_checkpoint(config.resume_from) if config.resume_from else None
+    if last_checkpoint is not None and finished_epochs(last_checkpoint) == config.num_epochs:
+        PartialState().print(f"{last_checkpoint} already finished the run's {config.num_epochs} epochs; nothing to do "
+                             "(raise num_epochs to train on)")
+        return resumed_run_dir(config, last_checkpoint)
     # The processes agree on the run folder first: trackers write to <project_dir>/<run_name>.
     run_dir = _run_dir(config, last_checkpoint)
     accelerator = Accelerator(
@@ -549,7 +373,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
     )
     metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
     # Only the run being resumed may already have metrics here: another run's would be truncated and mixed in.
-    resumed_dir = _resumed_run_dir(config, last_checkpoint)
+    resumed_dir = resumed_run_dir(config, last_checkpoint)
     if metrics_path.exists() and (resumed_dir is None or resumed_dir.resolve() != run_dir.resolve()):
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; resume it with "
                           f"--config.resume_from={run_dir} or choose another run_name")
@@ -588,18 +412,23 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         betas=(config.train.adam_beta1, config.train.adam_beta2),
         weight_decay=config.train.adam_weight_decay, eps=config.train.adam_epsilon,
     )
-    # accelerate steps a prepared scheduler once per process at every optimizer step: count in those units.
-    lr_scheduler = get_scheduler(
-        config.train.lr_schedule, optimizer, num_warmup_steps=config.train.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=steps_per_epoch * config.train.num_inner_epochs * config.num_epochs * accelerator.num_processes,
-    )
-    policy.model, optimizer, lr_scheduler = accelerator.prepare(policy.model, optimizer, lr_scheduler)
-    stat_tracker = PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count)
+    # Not prepared: accelerate would step it once per process. It sets the lr from progress.optimizer_steps, so a
+    # resumed run continues the curve of its new settings on any number of processes.
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(stat_tracker, progress)
-    _lora_hooks(accelerator, policy)
+    lr_scheduler = OptimizerStepSchedule(
+        optimizer, config.train.lr_schedule, config.train.learning_rate, config.train.lr_warmup_steps,
+        steps_per_epoch * config.train.num_inner_epochs * config.num_epochs, progress,
+    )
+    policy.model, optimizer = accelerator.prepare(policy.model, optimizer)
+    stat_tracker = PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count)
+    lora_hooks(accelerator, policy)
     if last_checkpoint is not None:
-        accelerator.load_state(str(last_checkpoint))
+        changed = check_resumable(config, last_checkpoint)
+        load_checkpoint(accelerator, last_checkpoint, progress, stat_tracker)
+        lr_scheduler.step()  # the loaded optimizer state brought back the checkpoint's lr
+        accelerator.print(f"resuming {last_checkpoint} at epoch {progress.epoch}, optimizer step "
+                          f"{progress.optimizer_steps}, lr {lr_scheduler.get_last_lr()[0]:.3g}"
+                          + (f"; changed: {'; '.join(changed)}" if changed else ""))
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -754,7 +583,8 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         accelerator.log(metrics, step=epoch)
         summary = metrics
         if progress.epoch % config.save_freq == 0 or progress.epoch == config.num_epochs:
-            last_checkpoint = save_checkpoint(accelerator, run_dir, progress, config.num_checkpoint_limit, config, metrics)
+            last_checkpoint = save_checkpoint(accelerator, run_dir, progress, config.num_checkpoint_limit, config, metrics,
+                                              stat_tracker)
 
     if config.grid.num_prompts > 0:
         policy.save_samples(grid_prompts, grid_seeds, run_dir / "grid_last" if is_main else None)

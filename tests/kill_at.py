@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import rebel_diffusion.checkpoints as checkpoints  # noqa: E402
 import rebel_diffusion.trainer as trainer  # noqa: E402
 import train  # noqa: E402
 
@@ -37,13 +38,13 @@ def main(argv: list[str]) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
 
     if phase == "checkpoint":
-        write_model_card = trainer.write_model_card
+        write_model_card = checkpoints.write_model_card
 
         def write_then_die(*args, **kwargs):
             tick()
             return write_model_card(*args, **kwargs)
 
-        trainer.write_model_card = write_then_die
+        checkpoints.write_model_card = write_then_die
     else:
         make_policy = trainer.make_policy
         with_grad = phase == "training"

@@ -14,10 +14,11 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 
 from configs.base import get_config
+from rebel_diffusion.checkpoints import CHECKPOINT_FILE
 from rebel_diffusion.grids import CELL, HEADER_HEIGHT, LABEL_WIDTH, tile_box
 from rebel_diffusion.policies import make_policy
 from rebel_diffusion.sample import main
-from rebel_diffusion.trainer import CHECKPOINT_FILE, train
+from rebel_diffusion.trainer import train
 from tests.conftest import save_tiny_causal_lm
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -1,6 +1,5 @@
 import dataclasses
 import json
-import shutil
 import os
 import random
 import re
@@ -111,34 +110,6 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_lcm_path, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_drops_metrics_lines_past_the_checkpoint_and_a_line_cut_by_a_crash(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3, "rew')
-    trainer._truncate_metrics(path, 2)
-    assert path.read_text() == '{"epoch": 0}\n{"epoch": 1}\n'
-    path.write_text('{"epoch": 0}\n{"epo')
-    trainer._truncate_metrics(path, 5)
-    assert path.read_text() == '{"epoch": 0}\n'
-
-
-def test_a_run_folder_stopped_before_its_first_checkpoint_starts_over(tmp_path):
-    run = tmp_path / "run"
-    (run / "checkpoints" / "epoch_0001.tmp").mkdir(parents=True)  # killed while writing its first checkpoint
-    with pytest.raises(ConfigError, match="neither a checkpoint nor a run folder"):
-        trainer.resume_checkpoint(run)  # not a run folder: no config.json
-    (run / "config.json").write_text(json.dumps({"model_type": "llama"}))  # a model's config: not a run folder
-    with pytest.raises(ConfigError, match="neither a checkpoint nor a run folder"):
-        trainer.resume_checkpoint(run)
-    (run / "config.json").write_text(get_config().to_json())
-    assert trainer.resume_checkpoint(run) is None
-    # A full fine-tune's checkpoint holds the model's config.json beside checkpoint.json: it is a checkpoint.
-    checkpoint = run / "checkpoints" / "epoch_0001"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text(get_config().to_json())
-    (checkpoint / "checkpoint.json").write_text('{"epoch": 1}')
-    assert trainer.resume_checkpoint(checkpoint) == checkpoint
-
-
 def test_resuming_into_another_run_folder_that_holds_a_run_is_refused(tmp_path):
     first = train(text_config(tmp_path, num_epochs=1, run_name="a"))
     other = train(text_config(tmp_path, num_epochs=1, run_name="b"))
@@ -146,77 +117,6 @@ def test_resuming_into_another_run_folder_that_holds_a_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         train(text_config(tmp_path, num_epochs=2, run_name="b", resume_from=str(first)))
     assert (other / "metrics.jsonl").read_text() == before
-
-
-def test_crash_while_checkpointing_keeps_the_last_good_checkpoint(tiny_lcm_path, tmp_path, monkeypatch):
-    original = trainer.Accelerator.save_state
-    calls = []
-
-    def flaky_save_state(self, output_dir, **kwargs):
-        calls.append(output_dir)
-        if len(calls) == 2:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            Path(output_dir, "optimizer.bin").write_bytes(b"half written")
-            raise KeyboardInterrupt
-        return original(self, output_dir, **kwargs)
-
-    monkeypatch.setattr(trainer.Accelerator, "save_state", flaky_save_state)
-    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3)
-    with pytest.raises(KeyboardInterrupt):
-        train(config)
-    checkpoints = tmp_path / "run" / "checkpoints"
-    assert trainer.find_checkpoint(tmp_path / "run") == checkpoints / "epoch_0001"
-    assert not (checkpoints / "epoch_0002").exists()
-    # A replaced checkpoint whose deletion was cut short must not be taken for a newer one either.
-    (checkpoints / "epoch_0009.old").mkdir()
-    (checkpoints / "epoch_0009.old" / "checkpoint.json").write_text('{"epoch": 9}')
-    assert trainer.find_checkpoint(tmp_path / "run") == checkpoints / "epoch_0001"
-    monkeypatch.setattr(trainer.Accelerator, "save_state", original)
-    config.resume_from = str(tmp_path / "run")
-    train(config)  # resumes from epoch 1 and rewrites epochs 1 and 2 once each
-    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [0, 1, 2]
-
-
-def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tiny_lcm_path, tmp_path, monkeypatch):
-    import errno
-
-    original = trainer.Accelerator.save_state
-    calls = []
-
-    def disk_full(self, output_dir, **kwargs):
-        calls.append(output_dir)
-        if len(calls) == 2:  # the second checkpoint runs out of space half-way
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            Path(output_dir, "optimizer.bin").write_bytes(b"half")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, output_dir, **kwargs)
-
-    monkeypatch.setattr(trainer.Accelerator, "save_state", disk_full)
-    with pytest.raises(trainer.CheckpointError, match=r"cannot write checkpoint .*epoch_0002: No space left on device; "
-                                                      r"\d+ MiB free on that disk; the previous checkpoint .*epoch_0001 "
-                                                      r"is intact"):
-        train(tiny_config(tiny_lcm_path, tmp_path, num_epochs=3))
-    checkpoints = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0001"]  # no half-written folder left
-    trainer.verify_checkpoint(checkpoints / "epoch_0001")  # loadable
-
-
-@pytest.fixture(scope="module")
-def two_checkpoint_run(tiny_lcm_path, tmp_path_factory) -> Path:
-    return train(tiny_config(tiny_lcm_path, tmp_path_factory.mktemp("two"), num_epochs=2, **{"grid.num_prompts": 0}))
-
-
-@pytest.mark.parametrize("damaged", ["optimizer.bin", "pytorch_lora_weights.safetensors", "custom_checkpoint_0.pkl"])
-def test_a_damaged_checkpoint_file_is_named_and_the_previous_checkpoint_offered(two_checkpoint_run, tiny_lcm_path,
-                                                                                tmp_path, damaged):
-    run_dir = tmp_path / "run"
-    shutil.copytree(two_checkpoint_run, run_dir)
-    file = run_dir / "checkpoints" / "epoch_0002" / damaged
-    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=3, resume_from=str(run_dir))
-    with pytest.raises(ConfigError, match=rf"checkpoint file .*epoch_0002/{damaged} is damaged .*"
-                                          rf"--config.resume_from=.*epoch_0001$"):
-        validate_config(config)
 
 
 def test_non_finite_reward_stops_the_run_naming_epoch_and_prompt(tiny_lcm_path, tmp_path, monkeypatch):

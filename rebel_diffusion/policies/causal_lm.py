@@ -325,7 +325,8 @@ class CausalLMPolicy:
         current = self.network.peft_config["default"]
         if saved.get("r") != current.r:
             raise ValueError(f"the adapter in {directory} has rank {saved.get('r')}, this policy's has rank {current.r}")
-        state = load_file(str(weights), device=str(self.device))
+        # safetensors takes "cpu" but not "cpu:0", the device of a CPU process under a multi-process launch.
+        state = load_file(str(weights), device="cpu" if self.device.type == "cpu" else str(self.device))
         try:
             result = set_peft_model_state_dict(self.network, state)
         except RuntimeError as e:
