@@ -377,8 +377,13 @@ class CausalLMPolicy:
             yield
             return
         # The CPU RNG is always forked; a CUDA device's RNG too when sampling there.
+        # Only the forked generators are seeded (`torch.manual_seed` would also seed every other device, unrestored,
+        # and costs ~0.1 ms, about 1% of a small batch's sampling).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(generator.initial_seed())
+            torch.default_generator.manual_seed(generator.initial_seed())
+            if self.device.type == "cuda":
+                with torch.cuda.device(self.device):
+                    torch.cuda.manual_seed(generator.initial_seed())
             yield
 
     def save_lora(self, directory: str | Path) -> None:
