@@ -276,6 +276,19 @@ def test_bad_kl_estimator_and_lora_init(tiny_causal_lm_path: Path) -> None:
     config.model.kl_estimator, config.lora.init = "k3", "loftq"
     with pytest.raises(ValueError, match="lora.init"):
         CausalLMPolicy.check_config(config)
+    # The trainer checks them before loading anything: a one-line ConfigError (exit 2) naming the key.
+    from configs.quickstart_text_rebel import get_config as text_quickstart
+    from rebel_diffusion.trainer import ConfigError, validate_config
+
+    for key, value in [("model.kl_estimator", "kl"), ("lora.init", "pissa")]:
+        config = text_quickstart()
+        config.model.pretrained = str(TINY_LM)
+        config.prompt_file = str(REPO / "assets" / "addition_train_prompts.txt")
+        config.eval.prompt_file = ""
+        section, name = key.split(".")
+        config[section][name] = value
+        with pytest.raises(ConfigError, match=key.replace(".", "\\.")):
+            validate_config(config)
 
 
 def test_lora_init_takes_effect(tiny_causal_lm_path: Path) -> None:
