@@ -59,7 +59,8 @@ def rescoring_tolerance(policy: CausalLMPolicy, trajectory: Trajectory) -> float
     k * eps * S with eps = 2^-23 (fp32 ulp of 1) and k = 8 ulps.
     """
     with torch.no_grad():
-        logits = policy.network(input_ids=torch.cat([trajectory.states, trajectory.actions], dim=1)).logits
+        logits = policy.network(input_ids=torch.cat([trajectory.states, trajectory.actions], dim=1),
+                                attention_mask=torch.cat([trajectory.conditioning, trajectory.mask.long()], dim=1)).logits
     magnitude = 2 * logits.abs().max().item() / policy.temperature + math.log(logits.shape[-1])
     return 8 * 2.0**-23 * magnitude
 
