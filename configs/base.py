@@ -35,11 +35,18 @@ def get_config() -> ConfigDict:
     config.model.top_k = 0  # 0 = off
     config.model.top_p = 1.0  # 1.0 = off
     config.model.chat_template = True  # format prompts as a user turn when the tokenizer has a chat template
+    # The per-token KL of the kl_coef loss term (PPO, GRPO) and of the logged `kl` when the KL is a loss term:
+    # "exact" (sum over the vocabulary of p (log p - log p_ref), tempered), "k1" (log p - log p_ref at the sampled token:
+    # its expected gradient is zero) or "k3" ((r - 1) - log r, r = p_ref / p at the token, TRL's choice). Shaping the
+    # reward (REBEL, RLOO, online DPO) always uses k1, the only one of them whose value as a reward carries the gradient.
+    config.model.kl_estimator = "exact"
 
     config.lora = ConfigDict()
     config.lora.rank = 8
     config.lora.alpha = 8.0
-    config.lora.init = "gaussian"  # peft's init_lora_weights
+    # peft's init_lora_weights. Text: "gaussian", "default" (peft's True), "orthogonal" (even rank) or "false" (random B,
+    # starts away from the base model); inits that rewrite the base weights (pissa, olora, ...) would move the reference.
+    config.lora.init = "gaussian"
     config.lora.targets = ""  # comma-separated module names; "" = the policy's default (LCM: the attention projections)
 
     config.reward = ConfigDict()
@@ -48,6 +55,8 @@ def get_config() -> ConfigDict:
     config.reward.clip_pretrained = "openai"  # aesthetic: open_clip tag or a local ViT-L-14 checkpoint
     config.reward.clip_model = "ViT-L-14"  # aesthetic: open_clip model name (768-d image embedding)
     config.reward.batch_size = 32  # aesthetic: images per CLIP forward
+    config.reward.reward_model_path = ""  # reward_model: a local folder or a Hub id (owner/name)
+    config.reward.reward_batch_size = 8  # reward_model: texts per reward-model forward
     config.reward.missing_eos_penalty = config_dict.placeholder(float)  # text: the reward of a response without EOS
 
     config.sample = ConfigDict()

@@ -75,6 +75,8 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
     try:
         algorithm.check(config)
         policy_kind = policy_class(config.policy).kind
+        if hasattr(policy_class(config.policy), "check_config"):  # a policy's own keys, before any model loads
+            policy_class(config.policy).check_config(config)
         check_reward_name(config.reward.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -7,7 +7,9 @@ including the first EOS. The policy is a peft LoRA adapter on the model (or all 
 reference for the KL is the same network with the adapter disabled, so no second copy is held.
 
 Log-probabilities are those of the tempered softmax `log_softmax(logits / temperature)`; top-k/top-p truncation, when
-enabled, shapes which tokens are drawn but is not part of the density, as in common RLHF practice.
+enabled, shapes which tokens are drawn but is not part of the density, as in common RLHF practice. The KL to the
+reference is taken between the same tempered, untruncated distributions (see `KL_ESTIMATORS`): the truncated ones
+would give an infinite KL wherever the policy keeps a token the reference's own truncation drops.
 """
 
 from __future__ import annotations
@@ -29,6 +31,49 @@ from rebel_diffusion.trajectory import Trajectory
 
 DEFAULT_LORA_TARGETS = "all-linear"
 
+# Per-token KL(pi_theta(.|s_t) || pi_ref(.|s_t)) for the loss term and `kl()`, with p = softmax(logits / temperature):
+# - "exact": sum over the vocabulary of p_theta * (log p_theta - log p_ref), from the logits both forwards compute anyway.
+#   Its gradient is the gradient of the KL at the visited states.
+# - "k1": log p_theta(a_t) - log p_ref(a_t) at the sampled token. Unbiased for the KL's value, but the expectation of its
+#   gradient over a_t ~ p_theta is sum_a p_theta grad log p_theta = 0: as a loss term it adds noise only.
+# - "k3": (r - 1) - log r with r = p_ref(a_t) / p_theta(a_t) (Schulman's estimator, TRL's choice): unbiased, >= 0, low
+#   variance; its expected gradient is that of the reverse KL(pi_ref || pi_theta).
+KL_ESTIMATORS = ("exact", "k1", "k3")
+
+# `lora.init` -> peft's `init_lora_weights`. Only inits that leave the base weights alone are offered: the reference is
+# the network with the adapter disabled, so "pissa"/"olora"/"corda"/"loftq" (which rewrite the base weights) would move
+# the reference, and "eva"/"lora_ga" need a data pass. "gaussian", "default" (peft's True: Kaiming-uniform A) and
+# "orthogonal" (even rank) start at B @ A = 0, i.e. at the reference; "false" (random B) starts away from it.
+LORA_INITS: dict[str, str | bool] = {"gaussian": "gaussian", "default": True, "true": True, "orthogonal": "orthogonal",
+                                     "false": False}
+
+
+def lora_init_value(init: str | bool) -> str | bool:
+    """peft's `init_lora_weights` for a `lora.init` value; `ValueError` naming the key for any other."""
+    key = str(init).strip().lower()
+    if key not in LORA_INITS:
+        raise ValueError(f"lora.init must be one of {list(LORA_INITS)} for the text policy, got {init!r}")
+    return LORA_INITS[key]
+
+
+def check_kl_estimator(kl_estimator: str) -> None:
+    """`ValueError` naming the key unless `kl_estimator` is one of `KL_ESTIMATORS`."""
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"model.kl_estimator must be one of {list(KL_ESTIMATORS)}, got {kl_estimator!r}")
+
+
+def kl_terms(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, actions: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL `(B, T)` from tempered log-probs over the vocabulary `(B, T, V)` of the policy and the reference and
+    the taken tokens `(B, T)`; gradients flow through whichever inputs carry them."""
+    if estimator == "exact":
+        return (log_probs.exp() * (log_probs - ref_log_probs)).sum(dim=-1)
+    taken = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    ref_taken = ref_log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    if estimator == "k1":
+        return taken - ref_taken
+    log_ratio = ref_taken - taken  # log r, r = pi_ref / pi_theta
+    return torch.expm1(log_ratio) - log_ratio
+
 
 class CausalLMPolicy:
     """A `transformers` causal LM (with an optional LoRA adapter) that samples responses and re-scores their tokens.
@@ -41,6 +86,8 @@ class CausalLMPolicy:
         lora_rank, lora_alpha, lora_targets: the peft LoRA adapter; `lora_rank=0` trains all weights instead, and then
             there is no reference model (asking for a KL raises `ValueError`) because keeping a frozen copy would
             double the memory.
+        lora_init: `lora.init`, see `LORA_INITS`.
+        kl_estimator: the per-token KL of `log_prob(with_kl=True)` and `kl()`, one of `KL_ESTIMATORS`.
         chat_template: format prompts with the tokenizer's chat template (when it has one) as a user turn.
         device: where the model runs (default: where it already is).
     """
@@ -63,6 +110,8 @@ class CausalLMPolicy:
         lora_rank: int = 8,
         lora_alpha: float = 16,
         lora_targets: str | list[str] = DEFAULT_LORA_TARGETS,
+        lora_init: str | bool = "gaussian",
+        kl_estimator: str = "exact",
         chat_template: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
@@ -72,6 +121,8 @@ class CausalLMPolicy:
             raise ValueError(f"temperature must be positive (sampling), got {temperature}")
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        check_kl_estimator(kl_estimator)
+        init_lora_weights = lora_init_value(lora_init)
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
@@ -84,13 +135,19 @@ class CausalLMPolicy:
         self.top_k = top_k
         self.top_p = top_p
         self.lora_rank = lora_rank
+        self.kl_estimator = kl_estimator
         self.use_chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
         self.device = torch.device(device) if device is not None else model.device
 
         model.to(self.device)
+        # Stored log-probs come from `generate`'s own logits when the network computes in float32: they then equal a
+        # re-scoring forward up to fp32 rounding. In half precision the KV-cached and the full forward differ by bf16/fp16
+        # rounding (~1e-2 in a log-prob), more than a tight PPO clip range, so there the stored log-probs are re-scored.
+        self.log_probs_from_generate = all(p.dtype == torch.float32 for p in model.parameters())
         if lora_rank > 0:
             model.requires_grad_(False)
-            lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_targets, task_type="CAUSAL_LM")
+            lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_targets, task_type="CAUSAL_LM",
+                              init_lora_weights=init_lora_weights)
             model = get_peft_model(model, lora)
             # peft keeps adapters in float32 (autocast_adapter_dtype) even on a half-precision base.
         # Sampling and re-scoring must see the same network: dropout would make stored and recomputed log-probs differ.
@@ -123,8 +180,10 @@ class CausalLMPolicy:
 
     @classmethod
     def from_config(cls, config: ConfigDict, device: torch.device | str | None, dtype: torch.dtype) -> CausalLMPolicy:
-        """Build from `config.model` (pretrained, max_new_tokens, temperature, top_k, top_p, chat_template) and
-        `config.lora` (rank, alpha, targets: "" for all linear layers, else a comma-separated list of module names)."""
+        """Build from `config.model` (pretrained, max_new_tokens, temperature, top_k, top_p, chat_template,
+        kl_estimator) and `config.lora` (rank, alpha, init, targets: "" for all linear layers, else a comma-separated list
+        of module names)."""
+        cls.check_config(config)
         targets = config.lora.targets.strip()
         return cls.from_pretrained(
             config.model.pretrained,
@@ -138,7 +197,16 @@ class CausalLMPolicy:
             lora_rank=config.lora.rank,
             lora_alpha=config.lora.alpha,
             lora_targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else DEFAULT_LORA_TARGETS,
+            lora_init=config.lora.get("init", "gaussian"),
+            kl_estimator=config.model.get("kl_estimator", "exact"),
         )
+
+    @staticmethod
+    def check_config(config: ConfigDict) -> None:
+        """`ValueError` naming the key for a `model.kl_estimator` or `lora.init` this policy does not know (checked
+        before any model is loaded)."""
+        check_kl_estimator(config.model.get("kl_estimator", "exact"))
+        lora_init_value(config.lora.get("init", "gaussian"))
 
     @property
     def has_reference(self) -> bool:
@@ -186,11 +254,14 @@ class CausalLMPolicy:
         Returns:
             A `Trajectory` with `states`/`conditioning` the prompt ids and attention mask `(B, P)`, `actions` the
             response ids `(B, T)` (T <= max_new_tokens), `mask`, `log_probs` (tempered, 0 off the mask), `outputs` the
-            decoded responses, `truncated` `(B,)` and, with `with_kl`, the per-token `kl` `(B, T)`.
+            decoded responses, `truncated` `(B,)` and, with `with_kl`, `kl` `(B, T)`: the reward-shaping penalty
+            `log pi(a_t) - log pi_ref(a_t)` at the drawn tokens (k1, whatever `kl_estimator` is), whose sum is the
+            sequence's log-ratio. As a reward only k1 carries the KL's gradient: an exact per-token KL is the same for
+            every token drawn at s_t, so a one-token response would feel no penalty at all.
         """
         input_ids, attention_mask = self.tokenize_prompts(prompts)
         with self._rng(generator):
-            sequences = self.network.generate(
+            out = self.network.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 do_sample=True,
@@ -200,8 +271,10 @@ class CausalLMPolicy:
                 top_p=self.top_p,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.eos_token_ids,
+                return_dict_in_generate=True,
+                output_logits=True,
             )
-        actions = sequences[:, input_ids.shape[1]:]
+        actions = out.sequences[:, input_ids.shape[1]:]
         mask, has_eos = self._response_mask(actions)
         trajectory = Trajectory(
             prompts=list(prompts),
@@ -213,35 +286,50 @@ class CausalLMPolicy:
             conditioning=attention_mask,
             truncated=~has_eos,
         )
-        # Stored log-probs come from the same full forward `log_prob` runs, so that an unchanged policy reproduces them
-        # exactly (the KV-cached logits of `generate` differ in the last bits).
-        log_probs, kl = self.log_prob(trajectory, range(0, actions.shape[1]), with_kl=with_kl)
-        trajectory.log_probs = log_probs.float()
-        trajectory.kl = kl
+        if self.log_probs_from_generate:
+            # `output_logits` are the raw logits, before generate's temperature/top-k/top-p warpers: tempered here as
+            # re-scoring does. Rows that ended keep getting (padding) logits; the mask zeroes them.
+            logits = torch.stack(out.logits, dim=1)
+            trajectory.log_probs = self._taken(self._tempered(logits), actions) * mask
+        else:
+            trajectory.log_probs = self._token_log_probs(trajectory)[0].float()
+        if with_kl:
+            ref_log_probs = self._taken(self._reference_vocab_log_probs(trajectory), actions)
+            trajectory.kl = (trajectory.log_probs - ref_log_probs) * mask
         return trajectory
 
     def log_prob(
         self, trajectory: Trajectory, steps: range, with_kl: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tempered log-probs of the taken tokens at `steps` `(B, len(steps))` under the current weights, with grad;
-        with `with_kl` also `log pi - log pi_ref` there (grad through the policy side). 0 where `mask` is False."""
+        with `with_kl` also the per-token KL to the reference by `kl_estimator` (grad through the policy side). 0 where
+        `mask` is False."""
         steps = range(steps.start, min(steps.stop, trajectory.actions.shape[1]))
-        log_probs = self._token_log_probs(trajectory)
+        log_probs, vocab_log_probs = self._token_log_probs(trajectory)
         kl = None
         if with_kl:
             with torch.no_grad():
-                ref_log_probs = self._reference_log_probs(trajectory)
-            kl = (log_probs - ref_log_probs) * trajectory.mask
+                ref_log_probs = self._reference_vocab_log_probs(trajectory)
+            kl = kl_terms(vocab_log_probs, ref_log_probs, trajectory.actions, self.kl_estimator) * trajectory.mask
         return log_probs[:, steps.start : steps.stop], None if kl is None else kl[:, steps.start : steps.stop]
 
     @torch.no_grad()
     def kl(self, trajectory: Trajectory) -> torch.Tensor:
-        """Per-token `log pi(a_t) - log pi_ref(a_t)` at the taken tokens `(B, T)`, 0 off the mask."""
-        ref_log_probs = self._reference_log_probs(trajectory)
-        return (self._token_log_probs(trajectory) - ref_log_probs) * trajectory.mask
+        """Per-token KL to the reference by `kl_estimator` `(B, T)`, 0 off the mask."""
+        return self.log_prob(trajectory, range(0, trajectory.actions.shape[1]), with_kl=True)[1]
 
-    def _token_log_probs(self, trajectory: Trajectory) -> torch.Tensor:
-        """One forward over prompt + response -> tempered log-probs of the response tokens `(B, T)`, masked."""
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampling distribution's log-probs over the vocabulary, in float32: `log_softmax(logits / temperature)`."""
+        return torch.log_softmax(logits.float() / self.temperature, dim=-1)
+
+    @staticmethod
+    def _taken(vocab_log_probs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """`(B, T, V)` log-probs -> `(B, T)` those of the taken tokens."""
+        return vocab_log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+    def _token_log_probs(self, trajectory: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over prompt + response -> tempered log-probs of the response tokens `(B, T)` (masked) and over
+        the whole vocabulary `(B, T, V)`."""
         actions, mask = trajectory.actions, trajectory.mask
         # `Trajectory.cat` right-pads prompts, which puts padding between prompt and response; moving every prompt's
         # padding to the left (a stable sort keeps the tokens' order) makes the last prompt column a real token again,
@@ -258,16 +346,15 @@ class CausalLMPolicy:
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=num_tokens + 1,
             use_cache=False,
         ).logits[:, :-1]
-        log_probs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-        taken = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        return taken * mask
+        vocab_log_probs = self._tempered(logits)
+        return self._taken(vocab_log_probs, actions) * mask, vocab_log_probs
 
-    def _reference_log_probs(self, trajectory: Trajectory) -> torch.Tensor:
-        """Tempered log-probs under the reference: the same network with the LoRA adapter disabled."""
+    def _reference_vocab_log_probs(self, trajectory: Trajectory) -> torch.Tensor:
+        """Tempered log-probs `(B, T, V)` under the reference: the same network with the LoRA adapter disabled."""
         if self.lora_rank == 0:
             raise ValueError("a KL to the reference needs a LoRA adapter (lora_rank > 0): with lora_rank=0 there is none")
         with self.network.disable_adapter():
-            return self._token_log_probs(trajectory)
+            return self._token_log_probs(trajectory)[1]
 
     def _response_mask(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`mask` `(B, T)` True up to and including the first EOS, and `(B,)` whether there is an EOS.
@@ -296,8 +383,13 @@ class CausalLMPolicy:
             yield
             return
         # The CPU RNG is always forked; a CUDA device's RNG too when sampling there.
+        # Only the forked generators are seeded (`torch.manual_seed` would also seed every other device, unrestored,
+        # and costs ~0.1 ms, about 1% of a small batch's sampling).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(generator.initial_seed())
+            torch.default_generator.manual_seed(generator.initial_seed())
+            if self.device.type == "cuda":
+                with torch.cuda.device(self.device):
+                    torch.cuda.manual_seed(generator.initial_seed())
             yield
 
     def save_lora(self, directory: str | Path) -> None:

@@ -1,7 +1,8 @@
 """Rewards for text: `reward_fn(responses, prompts) -> (B,)` float32 scores.
 
 - `reward_model`: a learned reward model, either a `transformers` sequence classifier with one label or a backbone with
-  a scalar head (`scalar_head`, the format of the TL;DR reward models of the REBEL paper), scoring prompt + response.
+  a scalar head (`scalar_head`, the format of the TL;DR reward models of the REBEL paper), scoring prompt + response
+  as it was trained to read them (see `reward_model_ids`).
 - `addition_exact`: 1 when the response is exactly the sum asked by an "a+b=" prompt, else 0.
 """
 
@@ -95,12 +96,26 @@ def _load_scalar_head_model(path: Path, keys: list[str], dtype: torch.dtype | No
     return model.to(dtype) if dtype is not None else model
 
 
-def _format(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> str:
-    """Prompt and response as the reward model reads them: a user/assistant chat when it has a template."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return prompt + response
-    conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return tokenizer.apply_chat_template(conversation, tokenize=False)
+def reward_model_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> list[int]:
+    """The token ids a reward model scores for `prompt` + `response`: what it was trained to read.
+
+    - With a chat template: a user turn and an assistant turn, rendered by the template and tokenized without further
+      special tokens. The template decides how a turn ends: one that ends turns with EOS has written it, once; one
+      that ends them otherwise (Qwen's "<|im_end|>\n") is read as it is, with nothing appended.
+    - Without one: the tokenizer's encoding of prompt + response (its special tokens included), then its EOS unless
+      the encoding already ends with it (a tokenizer that appends EOS itself). A plain-text reward model learns on
+      finished sequences, the response's EOS included: the TL;DR reward models read their score at the EOS of
+      prompt + response + EOS. The policy's EOS was stripped when decoding the response, so it is put back here
+      (a response cut at the length limit is scored as finished too: `reward.missing_eos_penalty` is for those).
+    """
+    if getattr(tokenizer, "chat_template", None) is not None:
+        conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt + response)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    return ids
 
 
 @register_reward("reward_model", kind="text")
@@ -111,7 +126,12 @@ def reward_model(
     reward_batch_size: int = 8,
 ) -> RewardFn:
     """A learned reward model from a local folder or a Hub id (`owner/name`, fetched into the Hub cache): a one-label
-    `AutoModelForSequenceClassification`, or a backbone with a `scalar_head` (detected from its weights)."""
+    `AutoModelForSequenceClassification`, or a backbone with a `scalar_head` (detected from its weights).
+
+    Args (from `config.reward`): `reward_model_path` the folder or Hub id; `reward_batch_size` texts per forward.
+    """
+    if reward_batch_size < 1:
+        raise RewardSetupError(f"reward_batch_size must be at least 1, got {reward_batch_size}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     path = Path(reward_model_path).expanduser()
     if reward_model_path and not path.exists() and reward_model_path.count("/") == 1:
@@ -141,13 +161,11 @@ def reward_model(
 
     @torch.no_grad()
     def reward_fn(responses: list[str], prompts: list[str]) -> torch.Tensor:
-        texts = [_format(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+        ids = [reward_model_ids(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
         scores = []
-        for start in range(0, len(texts), reward_batch_size):
-            batch = tokenizer(
-                texts[start : start + reward_batch_size], padding=True, padding_side="right", return_tensors="pt",
-                add_special_tokens=getattr(tokenizer, "chat_template", None) is None,
-            ).to(device)
+        for start in range(0, len(ids), reward_batch_size):
+            batch = tokenizer.pad({"input_ids": ids[start : start + reward_batch_size]}, padding=True,
+                                  padding_side="right", return_tensors="pt").to(device)
             if isinstance(model, ScalarHeadRewardModel):
                 score = model(batch["input_ids"], batch["attention_mask"])
             else:
@@ -158,4 +176,5 @@ def reward_model(
     return reward_fn
 
 
-__all__ = ["ScalarHeadRewardModel", "addition_correct", "addition_exact", "addition_target", "reward_model"]
+__all__ = ["ScalarHeadRewardModel", "addition_correct", "addition_exact", "addition_target", "reward_model",
+           "reward_model_ids"]
