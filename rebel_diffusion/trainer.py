@@ -464,8 +464,24 @@ def evaluate(policy: Policy, prompts: list[str], seeds: list[int],
     return {f"eval_{name}": torch.cat(values).mean().item() for name, values in scores.items()}, outputs_by_seed
 
 
+def check_distributed_backend() -> None:
+    """Refuse DeepSpeed before anything loads: under it accelerate's `clip_grad_norm_` returns a float or None, the
+    engine steps the optimizer at every backward (the trainer accumulates several), and ZeRO drops the in-place `.grad`
+    scaling of `pair_loss_gradients`."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState._shared_state
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1")
+            or state.get("distributed_type") == DistributedType.DEEPSPEED):
+        raise ConfigError("DeepSpeed is not supported (its engine steps at every backward and its gradient clipping and "
+                          "ZeRO-sharded .grad break the trainer's update); for sharded training use accelerate's FSDP "
+                          "(distributed_type: FSDP) instead")
+
+
 def train(config: ConfigDict) -> Path:
     """Run (or resume) one training run; returns its folder. An error on any process stops every process."""
+    check_distributed_backend()
     if not config.collective_timeout_s > 0:
         raise ConfigError(f"collective_timeout_s must be positive, got {config.collective_timeout_s}")
     # A collective waits at most collective_timeout_s for a process that died without a word (killed, out of memory).
