@@ -41,3 +41,34 @@ def test_deepspeed_state_is_refused_by_train(tmp_path, monkeypatch):
     monkeypatch.setitem(AcceleratorState._shared_state, "distributed_type", DistributedType.DEEPSPEED)
     with pytest.raises(ConfigError, match="DeepSpeed is not supported.*FSDP"):
         check_distributed_backend()
+
+
+@pytest.mark.parametrize("policy, algorithm, message", [
+    ("lcm", "rebel", "FSDP with 'rebel' on the 'lcm' policy is not supported: its pair loss scales the sharded .grad"),
+    ("lcm", "online_dpo", "FSDP with 'online_dpo' on the 'lcm' policy is not supported"),
+    ("causal_lm", "rebel", "FSDP needs GPUs: without one accelerate does not shard and would silently run DDP"),
+])
+def test_fsdp_where_it_cannot_work_is_refused(monkeypatch, policy, algorithm, message):
+    # accelerate 1.16 sets DistributedType.FSDP only for GPU-family processes: on a CPU the same config runs DDP.
+    from configs.base import get_config
+
+    from rebel_diffusion.trainer import ConfigError, check_distributed_backend
+
+    config = get_config()
+    config.policy, config.algorithm = policy, algorithm
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    check_distributed_backend(config)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        check_distributed_backend(config)
+
+
+def test_fsdp_on_a_cpu_is_refused_under_the_launcher(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "rebel_diffusion.launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", *TINY_TEXT, f"--config.logdir={tmp_path}"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: FSDP needs GPUs" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
