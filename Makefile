@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 TESTS ?= tests
-LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+LAUNCH := $(VENV)/bin/python -m rebel_diffusion.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 .PHONY: quickstart quickstart-ppo quickstart-rloo quickstart-grpo quickstart-online-dpo quickstart-text figure3 test test-slow
 

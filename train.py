@@ -1,7 +1,8 @@
-"""Train an LCM with REBEL or PPO: `accelerate launch train.py --config configs/aesthetic_rebel.py` (or `python`)."""
+"""Train an LCM with REBEL or PPO: `python -m rebel_diffusion.launch train.py --config configs/aesthetic_rebel.py` (or `python`)."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -33,7 +34,17 @@ def load_config(argv: list[str]) -> ConfigDict:
     return config
 
 
+def warn_if_launched_alone() -> None:
+    """accelerate launch's single-process launcher (`--num_processes 2` without `--multi_gpu`, as on a CPU) sets the
+    address of a rendezvous but starts one process, which would train alone: say so in one line."""
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        print("warning: accelerate launch was asked for several processes but started only this one (it needs "
+              "--multi_gpu for that, also on a CPU); python -m rebel_diffusion.launch starts them all", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
+    warn_if_launched_alone()
     try:
         config = load_config(argv)
     except ValueError as e:

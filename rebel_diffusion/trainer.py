@@ -346,8 +346,39 @@ def epoch_summary(epochs_done: int, num_epochs: int, metrics: dict[str, Any], ev
     return "  ".join(parts)
 
 
+def check_distributed_backend(config: ConfigDict | None = None) -> None:
+    """Refuse DeepSpeed before anything loads: under it accelerate's `clip_grad_norm_` returns a float or None, the
+    engine steps the optimizer at every backward (the trainer accumulates several), and ZeRO drops the in-place `.grad`
+    scaling of `pair_loss_gradients`. Refuse FSDP where it is known not to work: without a GPU accelerate never enables
+    it (it would run DDP and say nothing), and the multi-chunk pair loss scales `.grad` in place between backwards."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState._shared_state
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1") or (
+            state.get("distributed_type") == DistributedType.FSDP):
+        algorithm = ALGORITHMS.get(config.algorithm) if config is not None else None
+        try:
+            image = config is not None and policy_class(config.policy).kind == "image"
+        except ValueError:
+            image = False  # validate_config names the unknown policy
+        if algorithm is not None and algorithm.pair_loss is not None and image:
+            raise ConfigError(f"FSDP with {config.algorithm!r} on the {config.policy!r} policy is not supported: its "
+                              "pair loss scales the sharded .grad in place between one backward per chain step; use DDP "
+                              "(--multi_gpu) or a step-loss algorithm (ppo, rloo, grpo)")
+        if not torch.cuda.is_available():
+            raise ConfigError("FSDP needs GPUs: without one accelerate does not shard and would silently run DDP; "
+                              "drop the FSDP config (several CPU processes: --num_processes N)")
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1")
+            or state.get("distributed_type") == DistributedType.DEEPSPEED):
+        raise ConfigError("DeepSpeed is not supported (its engine steps at every backward and its gradient clipping and "
+                          "ZeRO-sharded .grad break the trainer's update); for sharded training use accelerate's FSDP "
+                          "(distributed_type: FSDP) instead")
+
+
 def train(config: ConfigDict) -> Path:
     """Run (or resume) one training run; returns its folder. An error on any process stops every process."""
+    check_distributed_backend(config)
     if not config.collective_timeout_s > 0:
         raise ConfigError(f"collective_timeout_s must be positive, got {config.collective_timeout_s}")
     # A collective waits at most collective_timeout_s for a process that died without a word (killed, out of memory).

@@ -1,0 +1,85 @@
+"""`python -m rebel_diffusion.launch [accelerate launch options] train.py --config ...`: accelerate launch, but bad input
+is one line and exit 2, as under `python train.py`.
+
+Under plain `accelerate launch`, a child that exits non-zero makes accelerate raise `CalledProcessError` (an 11-line
+traceback after the child's own error line) and exit 1, whatever the child's code; and `--num_processes 2` without
+`--multi_gpu` on a machine without GPUs starts one process and says nothing. This launcher checks the training config
+before any process starts (no model is loaded), runs several CPU processes with accelerate's multi-process launcher
+(torchrun, gloo), refuses DeepSpeed, and exits with the child's exit code without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _validate_training_config(script: str, script_args: list[str]) -> str | None:
+    """The one-line problem with train.py's `--config ...` arguments, or None (also for another script)."""
+    if Path(script).name != "train.py" or not Path(script).is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("_rebel_train_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        config = module.load_config([script, *script_args])
+    except ValueError as e:
+        return str(e)
+    from rebel_diffusion.trainer import ConfigError, validate_config
+
+    try:
+        validate_config(config)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _exit_code(error: BaseException) -> int:
+    """The exit code of the child that failed: torchrun's first failure, or the single child's."""
+    failures = getattr(error, "failures", None)  # torch.distributed.elastic's ChildFailedError
+    if failures:
+        return max([failure.exitcode for failure in failures.values() if failure.exitcode > 0], default=1)
+    return getattr(error, "returncode", 1) or 1
+
+
+def main(argv: list[str]) -> int:
+    from accelerate.commands.launch import _validate_launch_command, launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(argv)
+    if (problem := _validate_training_config(args.training_script, args.training_script_args)) is not None:
+        return _fail(problem)
+    args, defaults, mp_from_config_flag = _validate_launch_command(args)
+    if args.use_deepspeed:
+        return _fail("DeepSpeed is not supported (its engine steps at every backward and its gradient clipping and "
+                     "ZeRO-sharded .grad break the trainer's update); for sharded training use accelerate's FSDP "
+                     "(distributed_type: FSDP) instead")
+    import torch
+
+    processes = (args.num_processes or 1) * (args.num_machines or 1)
+    on_cpu = args.cpu or getattr(args, "use_cpu", False) or not torch.cuda.is_available()
+    if processes > 1 and on_cpu and not (args.multi_gpu or args.use_fsdp or args.use_megatron_lm):
+        # accelerate's simple launcher would start a single process; its multi-process launcher runs them with gloo.
+        print(f"rebel_diffusion.launch: {args.num_processes} processes on the CPU: started as one job of "
+              f"{args.num_processes} gloo processes (accelerate launch alone needs --multi_gpu for that)", file=sys.stderr)
+        args.multi_gpu, args.cpu, args.use_cpu = True, False, False
+    # The validated arguments again, through accelerate's own entry point (it validates once more, harmlessly).
+    try:
+        launch_command(args)
+    except subprocess.CalledProcessError as e:  # the child printed its own error line; no traceback after it
+        return _exit_code(e)
+    except Exception as e:
+        if type(e).__name__ == "ChildFailedError":
+            return _exit_code(e)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
