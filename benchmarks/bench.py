@@ -565,28 +565,13 @@ def text_rows(batch: int, repeats: int, device: torch.device) -> list[Row]:
         sequences = generate(encoded["input_ids"], encoded["attention_mask"])
         return policy.tokenizer.batch_decode(sequences[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    cases = {"sampler": lambda: policy.sample(prompts, generator=torch.Generator().manual_seed(0)),
-             "generate": generate, "text": text_to_text}
-    for run in cases.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):  # round-robin, as `medians`, keeping each round's times for its ratios
-        for name, run in cases.items():
-            synchronize(device)
-            start = time.perf_counter()
-            run()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    rows = []
-    for baseline, what in [("generate", "`model.generate` on token ids"),
-                           ("text", "tokenize + `model.generate` + decode")]:
-        ratios = [s / g for s, g in zip(times["sampler"], times[baseline])]
-        rows.append(("tiny LM", f"`CausalLMPolicy.sample` / {what} (batch {len(prompts)}, {policy.max_new_tokens} "
-                     f"tokens; log-probs from generate's logits; median of {repeats} per-round ratios, min-max "
-                     f"{min(ratios):.3f}-{max(ratios):.3f})", statistics.median(ratios),
-                     f"{ms(statistics.median(times['sampler']))} / {ms(statistics.median(times[baseline]))}",
-                     "<= 1.05"))
-    return rows
+    times = medians({"sampler": lambda: policy.sample(prompts, generator=torch.Generator().manual_seed(0)),
+                     "generate": generate, "text": text_to_text}, repeats, device)
+    return [("tiny LM", f"`CausalLMPolicy.sample` / {what} (batch {len(prompts)}, {policy.max_new_tokens} tokens; "
+             "log-probs from generate's logits)", times["sampler"] / times[baseline],
+             f"{ms(times['sampler'])} / {ms(times[baseline])}", "<= 1.05")
+            for baseline, what in [("generate", "`model.generate` on token ids"),
+                                   ("text", "tokenize + `model.generate` + decode")]]
 
 
 # ---- main ----
