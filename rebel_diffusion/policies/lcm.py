@@ -353,7 +353,8 @@ class LCMPolicy:
 
         Initial latents and per-step noise are drawn in the pipeline's order from `generator`, so the images equal
         `pipeline(prompts, num_inference_steps, guidance_scale, generator=generator, output_type="pt").images`.
-        `with_kl` also runs the base UNet at every stochastic step for the per-step KL to the reference.
+        `with_kl` also runs the base UNet at every stochastic step and records `ln pi(a_t|s_t) - ln pi_ref(a_t|s_t)` at
+        the sampled action (k1, an unbiased estimate of the step's KL, the one that is right as a reward term).
 
         Returns:
             A `Trajectory` with `states`/`actions` `(B, T, C, h, w)`, `log_probs` `(B, T)` (T = num_steps - 1),
@@ -377,10 +378,13 @@ class LCMPolicy:
                 means.append(mean)
                 stds.append(std)
                 chain.append(next_latents)
-        # The reference needs the unmerged weights with the adapter off, so its passes run after the chain.
+        # The reference needs the unmerged weights with the adapter off, so its passes run after the chain. As a reward
+        # term the KL must be the sampled log-ratio (k1): its score-function gradient is the trajectory KL's gradient,
+        # while the exact per-state Gaussian KL would miss the KL's dependence on theta at fixed states.
         kls = [
-            gaussian_kl(mean, self._denoise(state, step, prompt_embeds, reference=True)[1], std, self.logprob_reduction)
-            for step, (state, mean, std) in enumerate(zip(chain, means, stds))
+            log_prob - gaussian_log_prob(action, self._denoise(state, step, prompt_embeds, reference=True)[1], std,
+                                         self.logprob_reduction)
+            for step, (state, action, std, log_prob) in enumerate(zip(chain, chain[1:], stds, log_probs))
         ] if with_kl else []
         images = self.decode(denoised)
         latents = torch.stack(chain, dim=1)
