@@ -43,7 +43,8 @@ LEGACY_STATE = re.compile(r"custom_checkpoint_\d+\.pkl")  # the stat tracker (0)
 RUN_KEYS = frozenset({
     "algorithm", "policy", "kl_coef", "seed", "resolution", "mixed_precision", "prompt_file",
     "model.pretrained", "model.num_steps", "model.guidance_scale", "model.logprob_reduction", "model.max_new_tokens",
-    "model.temperature", "model.top_k", "model.top_p", "model.chat_template",
+    "model.temperature", "model.top_k", "model.top_p", "model.chat_template", "model.kl_estimator",
+    "reward.reward_model_path",
     "lora.rank", "lora.alpha", "lora.init", "lora.targets",
     "reward.name", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
     "sample.batch_size", "sample.num_batches_per_epoch",
@@ -59,7 +60,7 @@ RUN_KEYS = frozenset({
 RESUMABLE_KEYS = frozenset({
     "num_epochs", "logdir", "run_name", "resume_from", "save_freq", "num_checkpoint_limit", "log_with",
     "collective_timeout_s", "kl_log_samples",
-    "reward.batch_size", "sample.decode_batch_size", "sample.overlap_reward",
+    "reward.batch_size", "reward.reward_batch_size", "sample.decode_batch_size", "sample.overlap_reward",
     "train.learning_rate", "train.lr_schedule", "train.lr_warmup_steps", "train.gradient_checkpointing",
     "grid.num_prompts", "grid.num_seeds", "grid.seed",
     "eval.prompt_file", "eval.every", "eval.num_seeds", "eval.seed", "eval.rewards",

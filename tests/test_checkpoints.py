@@ -217,7 +217,7 @@ def test_resuming_with_another_run_s_config_lists_every_changed_key_and_exits_2(
         ppo: ["algorithm: 'rebel' -> 'ppo'", "sample.batch_size: 4 -> 1024", "train.batch_size: 2 -> 256",
               "train.gradient_accumulation_steps: 2 -> 1", "ppo.clip_range: 0.0001 -> 0.2",
               "ppo.adv_clip_max: 10.0 -> 5.0"],
-        image: ["policy: 'causal_lm' -> 'lcm'", "model.pretrained: ", "reward.name: 'addition_exact' -> 'shape_fidelity'",
+        image: ["policy: 'causal_lm' -> 'lcm'", "model.pretrained: ", "reward.name: 'addition_exact' -> 'large_shape'",
                 "lora.targets: 'lm_head' -> ''", "resolution: 512 -> 32"],
     }
     for process, parts in expected.items():

@@ -96,7 +96,8 @@ class CausalLMPolicy:
     # reward.missing_eos_penalty: the trainer applies it to `Trajectory.truncated`, which only a text policy fills.
     config_keys = frozenset({
         "model.pretrained", "model.max_new_tokens", "model.temperature", "model.top_k", "model.top_p",
-        "model.chat_template", "model.kl_estimator", "lora.rank", "lora.alpha", "lora.targets", "reward.missing_eos_penalty",
+        "model.chat_template", "model.kl_estimator", "lora.rank", "lora.alpha", "lora.init", "lora.targets",
+        "reward.missing_eos_penalty",
     })
 
     def __init__(
