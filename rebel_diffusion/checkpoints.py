@@ -27,6 +27,7 @@ from accelerate.utils import load as safe_load  # torch.load(weights_only=True),
 from ml_collections import ConfigDict
 from safetensors.torch import load_file
 
+from rebel_diffusion.config_keys import flatten
 from rebel_diffusion.errors import CheckpointError, ConfigError
 from rebel_diffusion.model_card import write_model_card
 
@@ -164,19 +165,9 @@ def verify_checkpoint(checkpoint: Path) -> None:
 
 # ---- Compatibility ----
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def flat_config(config: ConfigDict) -> dict[str, Any]:
     """`{"a.b": value}` as the config reads back from its JSON (tuples as lists, placeholders as None)."""
-    return _flatten(json.loads(config.to_json_best_effort()))
+    return flatten(json.loads(config.to_json_best_effort()))
 
 
 def saved_config(checkpoint: Path) -> dict[str, Any] | None:
@@ -188,7 +179,7 @@ def saved_config(checkpoint: Path) -> dict[str, Any] | None:
             return None
         path = checkpoint.parent.parent / "config.json"
     try:
-        return _flatten(json.loads(path.read_text()))
+        return flatten(json.loads(path.read_text()))
     except ValueError as e:
         raise ConfigError(f"{path} is damaged ({e})") from None
 

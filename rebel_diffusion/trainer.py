@@ -31,7 +31,7 @@ from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTrack
 from rebel_diffusion.checkpoints import (TrainingProgress, _truncate_metrics, _write_atomic, check_resumable,
                                          finished_epochs, load_checkpoint, lora_hooks, resume_checkpoint,
                                          resumed_run_dir, save_checkpoint, verify_checkpoint)
-from rebel_diffusion.config_keys import check_config_keys
+from rebel_diffusion.config_keys import check_config_keys, flatten
 from rebel_diffusion.errors import CheckpointError, ConfigError  # noqa: F401 -- CheckpointError for train.py
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
@@ -141,15 +141,9 @@ def _run_dir(config: ConfigDict, checkpoint: Path | None) -> Path:
     return Path(config.logdir) / name
 
 
-def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flat_hparams(tree: dict[str, Any]) -> dict[str, Any]:
     """Nested config -> {"a.b": scalar}, the shape TensorBoard's hparams accept."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat_hparams(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in flatten(tree).items()}
 
 
 def _write_metrics(path: Path, metrics: dict[str, Any]) -> None:
