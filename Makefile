@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-## REBEL on the tiny LCM shipped in assets/tiny-lcm, shape_fidelity reward, on the CPU (a few minutes on 2 cores)
+## REBEL on the tiny LCM shipped in assets/tiny-lcm, large_shape reward, on the CPU (a few minutes on 2 cores)
 quickstart: $(STAMP)
 	$(LAUNCH) train.py --config configs/quickstart_rebel.py
 

@@ -129,19 +129,29 @@ def resumed_run_dir(config: ConfigDict, checkpoint: Path | None) -> Path | None:
 
 
 def finished_epochs(checkpoint: Path) -> int:
-    """The epochs a checkpoint's run had done."""
-    return json.loads((checkpoint / CHECKPOINT_FILE).read_text())["epoch"]
+    """The epochs a checkpoint's run had done; a `ConfigError` naming the file when it cannot be read."""
+    path = checkpoint / CHECKPOINT_FILE
+    try:
+        return int(json.loads(path.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        detail = f"{type(e).__name__}: {str(e)[:80]}"
+        raise ConfigError(f"checkpoint file {path} is damaged ({detail}){_earlier_offer(checkpoint)}") from None
 
 
 # ---- Verifying ----
+
+def _earlier_offer(checkpoint: Path) -> str:
+    """The end of a damaged-checkpoint line: the previous complete checkpoint to resume from, if there is one."""
+    earlier = [c for c in complete_checkpoints(checkpoint.parent.parent) if c.name < checkpoint.name]
+    return (f"; resume from the previous one with --config.resume_from={earlier[-1]}" if earlier
+            else "; no earlier checkpoint exists")
+
 
 def verify_checkpoint(checkpoint: Path) -> None:
     """Read every file of a checkpoint before any of it is loaded, so that a damaged file (a truncated optimizer state,
     LoRA weights or stat tracker) stops the resume with one line instead of training from a half-loaded state. Pickles
     are read as data only: one that holds any other object is refused, never run."""
-    earlier = [c for c in complete_checkpoints(checkpoint.parent.parent) if c.name < checkpoint.name]
-    offer = (f"; resume from the previous one with --config.resume_from={earlier[-1]}" if earlier
-             else "; no earlier checkpoint exists")
+    offer = _earlier_offer(checkpoint)
     for file in sorted(checkpoint.iterdir()):
         try:
             if file.suffix == ".safetensors":

@@ -11,6 +11,7 @@ before any process starts (no model is loaded), runs several CPU processes with 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,9 +58,9 @@ def main(argv: list[str]) -> int:
         return _fail(problem)
     args, defaults, mp_from_config_flag = _validate_launch_command(args)
     if args.use_deepspeed:
-        return _fail("DeepSpeed is not supported (its engine steps at every backward and its gradient clipping and "
-                     "ZeRO-sharded .grad break the trainer's update); for sharded training use accelerate's FSDP "
-                     "(distributed_type: FSDP) instead")
+        from rebel_diffusion.trainer import DEEPSPEED_UNSUPPORTED
+
+        return _fail(DEEPSPEED_UNSUPPORTED)
     import torch
 
     processes = (args.num_processes or 1) * (args.num_machines or 1)
@@ -68,6 +69,8 @@ def main(argv: list[str]) -> int:
         # accelerate's simple launcher would start a single process; its multi-process launcher runs them with gloo.
         print(f"rebel_diffusion.launch: {args.num_processes} processes on the CPU: started as one job of "
               f"{args.num_processes} gloo processes (accelerate launch alone needs --multi_gpu for that)", file=sys.stderr)
+        if torch.cuda.is_available():  # --cpu on a GPU machine: hide the GPUs, since --multi_gpu would use them
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         args.multi_gpu, args.cpu, args.use_cpu = True, False, False
     # The validated arguments again, through accelerate's own entry point (it validates once more, harmlessly).
     try:

@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rebel_diffusion.grids import CELL, LABEL_WIDTH, save_image_grid  # noqa: E402,F401  (their home before grids.py)
 
 
 def save_learning_curve(metrics_path: str | Path, path: str | Path, title: str = "",

@@ -340,6 +340,11 @@ def epoch_summary(epochs_done: int, num_epochs: int, metrics: dict[str, Any], ev
     return "  ".join(parts)
 
 
+DEEPSPEED_UNSUPPORTED = ("DeepSpeed is not supported (its engine steps at every backward and its gradient clipping and "
+                         "ZeRO-sharded .grad break the trainer's update); for sharded training use accelerate's FSDP "
+                         "(distributed_type: FSDP) instead")
+
+
 def check_distributed_backend(config: ConfigDict | None = None) -> None:
     """Refuse DeepSpeed before anything loads: under it accelerate's `clip_grad_norm_` returns a float or None, the
     engine steps the optimizer at every backward (the trainer accumulates several), and ZeRO drops the in-place `.grad`
@@ -365,9 +370,7 @@ def check_distributed_backend(config: ConfigDict | None = None) -> None:
                               "drop the FSDP config (several CPU processes: --num_processes N)")
     if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1")
             or state.get("distributed_type") == DistributedType.DEEPSPEED):
-        raise ConfigError("DeepSpeed is not supported (its engine steps at every backward and its gradient clipping and "
-                          "ZeRO-sharded .grad break the trainer's update); for sharded training use accelerate's FSDP "
-                          "(distributed_type: FSDP) instead")
+        raise ConfigError(DEEPSPEED_UNSUPPORTED)
 
 
 def train(config: ConfigDict) -> Path:
@@ -504,6 +507,8 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
             """Attach a sampled batch's rewards, drop its outputs and store it group-major (sample j of group g at
             g * k + j)."""
             rewards, parts = scored.result()
+            # Measured here, after the reward thread is done with the batch, so that it never stalls the sampler.
+            diversities.append(policy.diversity(trajectory.outputs, trajectory.prompts))
             trajectory.rewards = rewards.to(accelerator.device)
             for name, scores in parts.items():
                 components[name].append(scores.float().to(accelerator.device))
@@ -520,7 +525,6 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                                     disable=not is_main):
                 batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
                 trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
-                diversities.append(policy.diversity(trajectory.outputs, trajectory.prompts))
                 generator = _reward_generator(config.seed, accelerator.process_index, epoch, batch_index)
                 scored = _submit_score(scorer, accelerator.device.type, reward_fn, trajectory, config.reward.name,
                                        epoch, kept, generator)

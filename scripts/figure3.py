@@ -1,4 +1,4 @@
-"""A CPU-scale Figure 3 of the REBEL paper: every algorithm's quickstart on the tiny LCM with the shape_fidelity reward,
+"""A CPU-scale Figure 3 of the REBEL paper: every algorithm's quickstart on the tiny LCM with its reward (large_shape),
 over seeds, at equal reward queries, compared by IQM with stratified bootstrap intervals.
 
     python scripts/figure3.py --seeds 10 --jobs 2 --logdir runs/figure3 --out docs/figure3
@@ -75,7 +75,7 @@ def gains_table(logdir: Path, algorithms: list[str], seeds: range) -> str:
     """Per algorithm, over seeds: the training reward's gain (mean of the last 3 epochs minus the first epoch) and each
     held-out metric's change (after the last epoch minus before the first), each a mean with its 95% t-interval."""
     header = ["algorithm", "seeds", "training reward: first epoch", "last 3 epochs", "gain [95% CI]", "seeds up"]
-    lines = []
+    rows = []
     for algorithm in algorithms:
         runs = [logdir / f"{algorithm}_seed{seed}" for seed in seeds]
         runs = [run for run in runs if (run / "metrics.jsonl").is_file() and (run / "eval.jsonl").is_file()]
@@ -91,14 +91,17 @@ def gains_table(logdir: Path, algorithms: list[str], seeds: range) -> str:
         gain, low, high = mean_ci(last3 - first)
         cells = [algorithm, str(len(runs)), f"{first.mean():.3f}", f"{last3.mean():.3f}",
                  f"{gain:+.3f} [{low:+.3f}, {high:+.3f}]", f"{int((last3 > first).sum())}/{len(runs)}"]
-        for name in EVAL_METRICS:
-            if all(name in e[0] and name in e[-1] for e in evals):
-                before = np.asarray([e[0][name] for e in evals])
-                after = np.asarray([e[-1][name] for e in evals])
-                change, low, high = mean_ci(after - before)
-                if not lines:
-                    header += [f"held-out {name.removeprefix('eval_')}: before", "after", "change [95% CI]"]
-                cells += [f"{before.mean():.3f}", f"{after.mean():.3f}", f"{change:+.3f} [{low:+.3f}, {high:+.3f}]"]
+        rows.append((cells, evals))
+    # The held-out metrics every run of every algorithm has, so that each column means one thing.
+    names = [name for name in EVAL_METRICS if all(name in e[0] and name in e[-1] for _, evals in rows for e in evals)]
+    for name in names:
+        header += [f"held-out {name.removeprefix('eval_')}: before", "after", "change [95% CI]"]
+    lines = []
+    for cells, evals in rows:
+        for name in names:
+            before, after = np.asarray([e[0][name] for e in evals]), np.asarray([e[-1][name] for e in evals])
+            change, low, high = mean_ci(after - before)
+            cells += [f"{before.mean():.3f}", f"{after.mean():.3f}", f"{change:+.3f} [{low:+.3f}, {high:+.3f}]"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *lines])
 

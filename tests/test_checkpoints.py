@@ -109,7 +109,7 @@ def two_checkpoint_run(tiny_lcm_path, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("damaged", ["optimizer.bin", "pytorch_lora_weights.safetensors", "stat_tracker.json",
-                                     "random_states_0.pkl"])
+                                     "random_states_0.pkl", "checkpoint.json"])
 def test_a_damaged_checkpoint_file_is_named_and_the_previous_checkpoint_offered(two_checkpoint_run, tiny_lcm_path,
                                                                                 tmp_path, damaged):
     run_dir = tmp_path / "run"
@@ -120,8 +120,6 @@ def test_a_damaged_checkpoint_file_is_named_and_the_previous_checkpoint_offered(
     with pytest.raises(ConfigError, match=rf"checkpoint file .*epoch_0002/{damaged} is damaged .*"
                                           rf"--config.resume_from=.*epoch_0001$"):
         validate_config(config)
-
-
 
 
 # ---- Nothing in a checkpoint is unpickled as an object ----

@@ -139,6 +139,12 @@ def test_reward_model_reads_the_eos(tmp_path: Path, recorded_inputs: list) -> No
     assert [ids for batch in recorded_inputs for ids in batch] == [
         tokenizer(p + r)["input_ids"] + [eos] for p, r in zip(PROMPTS, RESPONSES)]
 
+    # A tokenizer without a pad token (GPT-2, Pythia): the padding must not hide the EOS the classifier scores at.
+    recorded_inputs.clear()
+    path = save_last_token_scorer(tmp_path / "no_pad", build_char_tokenizer(pad=False))
+    scores = make_reward_fn("reward_model", reward_model_path=str(path), reward_batch_size=4)(RESPONSES, PROMPTS)
+    torch.testing.assert_close(scores, torch.full((4,), float(eos)), atol=1e-5, rtol=0)
+
     # A tokenizer that appends EOS itself: not a second one.
     recorded_inputs.clear()
     appends = build_char_tokenizer()

@@ -66,7 +66,8 @@ def kl_terms(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, actions: torc
     """Per-token KL `(B, T)` from tempered log-probs over the vocabulary `(B, T, V)` of the policy and the reference and
     the taken tokens `(B, T)`; gradients flow through whichever inputs carry them."""
     if estimator == "exact":
-        return (log_probs.exp() * (log_probs - ref_log_probs)).sum(dim=-1)
+        probs = log_probs.exp()  # tokens the policy gives probability 0 (masked to -inf) add 0, not 0 * nan
+        return torch.where(probs > 0, probs * (log_probs - ref_log_probs), 0.0).sum(dim=-1)
     taken = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     ref_taken = ref_log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     if estimator == "k1":

@@ -26,7 +26,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
-from rebel_diffusion.plots import save_image_grid
+from rebel_diffusion.grids import save_image_grid
 from rebel_diffusion.policies import same_prompt_pairs
 from rebel_diffusion.trajectory import Trajectory
 

@@ -118,6 +118,17 @@ def reward_model_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, response: 
     return ids
 
 
+def _right_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> `input_ids` and `attention_mask` `(B, L)`, padded on the right with `pad_id`."""
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 @register_reward("reward_model", kind="text")
 def reward_model(
     device: torch.device | str | None = None,
@@ -152,11 +163,13 @@ def reward_model(
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RewardSetupError(f"cannot load reward model {reward_model_path!r}: {first_line}") from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not isinstance(model, ScalarHeadRewardModel):
-        # A sequence classifier finds its last token by the pad id in its config.
-        model.config.pad_token_id = tokenizer.pad_token_id
+        # A sequence classifier reads its score at the last token that is not its config's pad id. Padding with EOS
+        # (GPT-2/Pythia tokenizers have no pad token) would hide the EOS it was trained to score at: pad with another id.
+        if pad_id == tokenizer.eos_token_id:
+            pad_id = 0 if tokenizer.eos_token_id != 0 else 1
+        model.config.pad_token_id = pad_id
     model.requires_grad_(False).eval().to(device)
 
     @torch.no_grad()
@@ -164,12 +177,11 @@ def reward_model(
         ids = [reward_model_ids(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
         scores = []
         for start in range(0, len(ids), reward_batch_size):
-            batch = tokenizer.pad({"input_ids": ids[start : start + reward_batch_size]}, padding=True,
-                                  padding_side="right", return_tensors="pt").to(device)
+            input_ids, attention_mask = _right_padded(ids[start : start + reward_batch_size], pad_id, device)
             if isinstance(model, ScalarHeadRewardModel):
-                score = model(batch["input_ids"], batch["attention_mask"])
+                score = model(input_ids, attention_mask)
             else:
-                score = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+                score = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
             scores.append(score.float().cpu())
         return torch.cat(scores)
 
