@@ -21,9 +21,9 @@ def write_run(folder: Path, rewards: list[float], before: float, after: float) -
 
 def test_gains_are_means_with_student_t_intervals(tmp_path):
     # Gains (last 3 epochs minus the first): 0.3, 0.1, 0.2 -> mean 0.2, sample std 0.1; t_{0.975, 2} = 4.302653.
-    write_run(tmp_path / "rebel_seed0", [0.5, 0.6, 0.8, 0.8, 0.8], 0.6, 0.7)
-    write_run(tmp_path / "rebel_seed1", [0.5, 0.5, 0.6, 0.6, 0.6], 0.6, 0.6)
-    write_run(tmp_path / "rebel_seed2", [0.4, 0.9, 0.6, 0.6, 0.6], 0.6, 0.8)
+    write_run(tmp_path / "rebel_seed0", [0.5, 0.6, 0.7, 0.8, 0.9], 0.6, 0.7)
+    write_run(tmp_path / "rebel_seed1", [0.5, 0.5, 0.5, 0.6, 0.7], 0.6, 0.6)
+    write_run(tmp_path / "rebel_seed2", [0.4, 0.9, 0.5, 0.6, 0.7], 0.6, 0.8)
     table = figure3.gains_table(tmp_path, ["rebel"], range(3))
     header, _, row = table.splitlines()
     cells = [cell.strip() for cell in row.strip("|").split("|")]
