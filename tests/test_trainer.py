@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -156,7 +157,9 @@ def test_held_out_eval_weighted_reward_components_and_kl_are_logged(tiny_lcm_pat
     for m in metrics:
         assert m["reward_mean"] == pytest.approx(m["reward_two_rewards:bright_mean"] + 0.5 * m["reward_two_rewards:red_mean"],
                                                  rel=1e-5)
-        assert m["kl"] >= 0 and m["reward_shaped_mean"] == pytest.approx(m["reward_mean"] - 0.5 * m["kl"], rel=1e-4, abs=1e-6)
+        # With the KL in the reward, `kl` is the mean sampled log-ratio (k1): unbiased, and it can come out below 0.
+        assert math.isfinite(m["kl"])
+        assert m["reward_shaped_mean"] == pytest.approx(m["reward_mean"] - 0.5 * m["kl"], rel=1e-4, abs=1e-6)
     assert metrics[0]["reward_queries"] == 2 * 2 * 2  # rloo.k = 2 samples per prompt
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals] == [0, 2, 3]  # before training, every 2 epochs, after the last
