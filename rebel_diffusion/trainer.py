@@ -36,7 +36,8 @@ from rebel_diffusion.errors import CheckpointError, ConfigError  # noqa: F401 --
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
-from rebel_diffusion.rewards import RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind
+from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind,
+                                     served_kinds)
 from rebel_diffusion.schedule import OptimizerStepSchedule
 from rebel_diffusion.stop_together import stop_together
 from rebel_diffusion.trajectory import Trajectory
@@ -423,6 +424,11 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                            for name in eval_names}
     except RewardSetupError as e:
         raise ConfigError(f"reward {config.reward.name!r}: {e}") from None
+    for fn in (reward_fn, *eval_reward_fns.values()):  # a reward server says what it scores only when asked
+        for url, kind in served_kinds(fn).items():
+            if kind not in ("any", policy_class(config.policy).kind):
+                raise ConfigError(f"reward server {url} scores {kind} outputs (its /health), but policy "
+                                  f"{config.policy!r} produces {policy_class(config.policy).kind}")
     try:
         policy = make_policy(config, accelerator.device, dtype)
     except (FileNotFoundError, ValueError) as e:
