@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import random
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -264,14 +265,25 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
-def _submit_score(scorer: ThreadPoolExecutor, device_type: str, *score_args: Any) -> Future:
+def _submit_score(scorer: ThreadPoolExecutor, device_type: str, *score_args: Any,
+                  failed: threading.Event | None = None) -> Future:
     """Run `_score(*score_args)` in the worker thread under `no_grad` and the autocast state of the calling thread:
-    grad mode and autocast are thread-local, and the worker must score as the sampling thread would."""
+    grad mode and autocast are thread-local, and the worker must score as the sampling thread would.
+
+    `failed`, shared by the batches of an epoch, is set when one's reward fails; a batch queued behind it is then not
+    scored (the run stops with the earlier batch's error), so a failing reward server is not asked again for it."""
     enabled, dtype = _autocast_state(device_type)
 
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            return _score(*score_args)
+        if failed is not None and failed.is_set():
+            raise RewardError("not scored: the reward of an earlier batch failed")
+        try:
+            with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                return _score(*score_args)
+        except BaseException:
+            if failed is not None:
+                failed.set()
+            raise
 
     return scorer.submit(run)
 
@@ -526,14 +538,14 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
 
         # Batch i is scored in a worker thread while batch i+1 samples; the rewards are the same as in sequence.
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            pending = None
+            pending, failed = None, threading.Event()
             for batch_index in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
                                     disable=not is_main):
                 batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
                 trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
                 generator = _reward_generator(config.seed, accelerator.process_index, epoch, batch_index)
                 scored = _submit_score(scorer, accelerator.device.type, reward_fn, trajectory, config.reward.name,
-                                       epoch, kept, generator)
+                                       epoch, kept, generator, failed=failed)
                 if not config.sample.overlap_reward:
                     scored.result()
                 if pending is not None:

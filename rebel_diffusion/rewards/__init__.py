@@ -239,15 +239,17 @@ def _validated(name: str, fn: RewardFn) -> RewardFn:
     def reward_fn(outputs: Any, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
         return validate_scores(name, call_reward(fn, outputs, prompts, generator), len(prompts))
 
-    reward_fn.served_kind = getattr(fn, "served_kind", None)  # a reward server's kind, from its /health
+    if getattr(fn, "served_kind", None) is not None:  # a reward server's kind, from its /health
+        reward_fn.served_kinds = {name: fn.served_kind}
     return reward_fn
 
 
 def served_kinds(reward_fn: Any) -> dict[str, str]:
     """What each reward server among a built reward's components said it scores, by URL: `{url: kind}`."""
-    fns = getattr(reward_fn, "_fns", [reward_fn])
-    names = getattr(reward_fn, "names", [None])
-    return {name: fn.served_kind for name, fn in zip(names, fns) if getattr(fn, "served_kind", None) is not None}
+    kinds = dict(getattr(reward_fn, "served_kinds", {}))
+    for fn in getattr(reward_fn, "_fns", []):
+        kinds.update(getattr(fn, "served_kinds", {}))
+    return kinds
 
 
 def _make_single(name: str, device: torch.device | str | None, dtype: torch.dtype | None, options: dict) -> RewardFn:
