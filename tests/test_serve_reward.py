@@ -276,3 +276,55 @@ def test_a_server_of_text_is_refused_for_an_image_policy_before_sampling(tiny_lc
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_a_text_reward_is_served_too(tmp_path):
+    prompts = ["1+2=", "3+4=", "10+5=", "7+7="]
+    responses = ["3", "8", " 15 ", "fourteen"]
+    with serve_reward("--reward", "addition_exact", log=tmp_path / "stderr") as url:
+        served = make_reward_fn(url, batch_size=3)
+        torch.testing.assert_close(served(responses, prompts), make_reward_fn("addition_exact")(responses, prompts))
+        assert served.served_kinds == {url: "text"}
+        with pytest.raises(RewardServerError, match=r"answered HTTP 400: reward 'addition_exact' scores text; send "
+                                                    r"\"responses\""):
+            served(torch.zeros(4, 3, 8, 8), prompts)  # images to a text reward: the request breaks the protocol
+
+
+def test_a_request_that_breaks_the_protocol_is_a_400(shape_server):
+    import requests
+
+    images = remote.encode_images(torch.zeros(2, 3, 4, 4))
+    bad = [({"prompts": ["p"], "images": images}, "2 outputs but 1 prompts"),
+           ({"prompts": ["p", "q"], "images": {**images, "shape": [2, 3, 4, 5]}}, "holds 384 bytes; shape [2, 3, 4, 5] "
+                                                                                   "needs 480"),
+           ({"prompts": ["p", "q"]}, 'give either "images"'),
+           ({"prompts": "p", "images": images}, '"prompts" must be a list of strings')]
+    for request, message in bad:
+        answer = requests.post(shape_server + "/score", json=request, timeout=10)
+        assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+    assert requests.post(shape_server + "/score", data=b"{", timeout=10).status_code == 400
+    assert requests.get(shape_server + "/health", timeout=10).json() == {"reward": "shape_fidelity", "kind": "image"}
+
+
+def test_urls_in_reward_specs():
+    from rebel_diffusion.config_keys import check_config_keys
+    from rebel_diffusion.rewards import check_reward_name, parse_reward_spec, reward_options
+
+    assert parse_reward_spec("http://127.0.0.1:8000") == [("http://127.0.0.1:8000", 1.0)]
+    assert parse_reward_spec("https://scorer.lan/score") == [("https://scorer.lan/score", 1.0)]
+    assert parse_reward_spec("http://h:8000:0.5,jpeg_compressibility") == [("http://h:8000", 0.5),
+                                                                           ("jpeg_compressibility", 1.0)]
+    assert {"batch_size", "max_concurrency", "timeout_s", "retries"} == reward_options("http://h:8000")
+    for bad in ("http://", "http://h:99999", "http://h:8000/?q=1"):
+        with pytest.raises(ValueError, match="reward server URL") as error:
+            check_reward_name(bad)
+        assert "\n" not in str(error.value)
+    from configs.base import get_config
+
+    config = get_config()
+    config.reward.timeout_s = 5.0
+    with pytest.raises(ValueError, match=r"reward.timeout_s is set, but reward 'jpeg_compressibility' takes no such "
+                                         r"option \(an option of http://host:port\)"):
+        check_config_keys(config)
+    config.reward.name = "http://127.0.0.1:8000"
+    check_config_keys(config)  # the server's client takes it
