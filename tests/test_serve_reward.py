@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import rebel_diffusion.rewards.remote as remote
+import rebel_diffusion.trainer as trainer
 from rebel_diffusion import shapes
 from rebel_diffusion.rewards import make_reward_fn
 from rebel_diffusion.rewards.remote import RewardServerError
@@ -328,3 +329,41 @@ def test_urls_in_reward_specs():
         check_config_keys(config)
     config.reward.name = "http://127.0.0.1:8000"
     check_config_keys(config)  # the server's client takes it
+
+
+def test_a_run_stopped_by_its_server_resumes_exactly_once_the_server_is_back(tiny_lcm_path, tmp_path, monkeypatch):
+    fidelity = make_reward_fn("shape_fidelity")
+    down = threading.Event()
+
+    def answer(i: int, request: dict) -> tuple[int, bytes, float]:  # shape_fidelity, or 503 while `down`
+        if down.is_set():
+            return 503, b'{"error": "restarting"}', 0.0
+        images = torch.from_numpy(remote.decode_images(request["images"]))
+        return 200, json.dumps({"scores": fidelity(images, request["prompts"]).tolist()}).encode(), 0.0
+
+    def config(logdir: Path, name: str, **overrides):
+        return tiny_config(tiny_lcm_path, logdir, num_epochs=3, prompt_file=str(PROMPTS),
+                           **{"reward.name": name, "grid.num_prompts": 0, **overrides})
+
+    def strip(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(run_dir)]
+
+    straight = strip(train(config(tmp_path / "straight", "shape_fidelity")))
+    with FakeServer(answer) as fake:
+        saved = trainer.save_checkpoint
+
+        def save_then_go_down(*args, **kwargs):  # the server goes away once epoch 2's checkpoint is written
+            path = saved(*args, **kwargs)
+            if path.name == "epoch_0002":
+                down.set()
+            return path
+
+        monkeypatch.setattr(trainer, "save_checkpoint", save_then_go_down)
+        with pytest.raises(RewardError, match="answered HTTP 503: restarting .1 attempt.*the last good checkpoint is "
+                                              ".*epoch_0002"):
+            train(config(tmp_path / "served", fake.url, **{"reward.retries": 0}))
+        monkeypatch.setattr(trainer, "save_checkpoint", saved)
+        down.clear()  # the server is back
+        resumed = train(config(tmp_path / "served", fake.url, resume_from=str(tmp_path / "served" / "run"),
+                               **{"reward.retries": 0}))
+    assert strip(resumed) == straight
