@@ -323,7 +323,12 @@ def evaluate(policy: Policy, prompts: list[str], seeds: list[int],
         outputs = policy.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs
         outputs_by_seed.append(outputs)
         for name, reward_fn in reward_fns.items():
-            scores[name].append(torch.as_tensor(reward_fn(outputs, prompts), dtype=torch.float32).cpu())
+            try:
+                scores[name].append(torch.as_tensor(reward_fn(outputs, prompts), dtype=torch.float32).cpu())
+            except Exception as e:  # a reward server gone away, user code failing: one line, as in training
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RewardError(f"held-out evaluation: reward {name!r} failed on the prompts whose first is "
+                                  f"{prompts[0]!r}: {detail}") from e
     return {f"eval_{name}": torch.cat(values).mean().item() for name, values in scores.items()}, outputs_by_seed
 
 
@@ -496,7 +501,11 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
     for epoch in range(progress.epoch, config.num_epochs + 1):
         eval_metrics = {}
         if eval_prompts and (epoch % config.eval.every == 0 or epoch == config.num_epochs):
-            scores, outputs_by_seed = evaluate(policy, eval_prompts, eval_seeds, eval_reward_fns)
+            try:
+                scores, outputs_by_seed = evaluate(policy, eval_prompts, eval_seeds, eval_reward_fns)
+            except RewardError as e:
+                kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+                raise RewardError(f"epoch {epoch}: {e}; stopped, {kept}") from e.__cause__
             if np.isfinite(diversity := _diversity_across_seeds(policy, eval_prompts, outputs_by_seed)):
                 scores["eval_diversity"] = diversity
             eval_metrics = {"epoch": epoch, **scores}

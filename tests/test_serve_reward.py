@@ -367,3 +367,19 @@ def test_a_run_stopped_by_its_server_resumes_exactly_once_the_server_is_back(tin
         resumed = train(config(tmp_path / "served", fake.url, resume_from=str(tmp_path / "served" / "run"),
                                **{"reward.retries": 0}))
     assert strip(resumed) == straight
+
+
+def test_a_held_out_reward_server_failing_is_one_line_too(tiny_lcm_path, tmp_path):
+    with FakeServer(lambda i, request: (500, b'{"error": "gone"}', 0.0)) as fake:
+        (tmp_path / "heldout.txt").write_text("a red circle on a white background\n")
+        config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=1, prompt_file=str(PROMPTS),
+                             **{"reward.name": "shape_fidelity", "eval.prompt_file": str(tmp_path / "heldout.txt"),
+                                "eval.rewards": fake.url, "eval.num_seeds": 1, "grid.num_prompts": 0,
+                                "reward.retries": 0})
+        with pytest.raises(RewardError) as error:
+            train(config)
+    assert str(error.value) == (f"epoch 0: held-out evaluation: reward '{fake.url}' failed on the prompts whose first "
+                                f"is 'a red circle on a white background': reward server {fake.url}: POST /score "
+                                "answered HTTP 500: gone (1 attempt, reward.retries = 0); stopped, no checkpoint was "
+                                "written yet")
+    assert fake.posts == 1
