@@ -2,8 +2,9 @@
 
 `images` is a float tensor `(B, 3, H, W)` in [0, 1] on any device; `prompts` a list of B strings. A reward is built by
 a factory `factory(device=..., dtype=..., **options) -> reward_fn`, so that heavy scorers (a CLIP model) are created
-once per process on that process's device. A `module:function` path names a user reward function directly; a URL `http://host:port` a reward served by another
-process (`rebel_diffusion.serve_reward`, client in `rebel_diffusion.rewards.remote`).
+once per process on that process's device. A `module:function` path names a user reward function directly; a URL
+`http://host:port` a reward served by another process (`rebel_diffusion.serve_reward`; the client is
+`rebel_diffusion.rewards.remote`).
 
 A reward function that draws random numbers takes a keyword `generator` (`reward_fn(outputs, prompts, generator=None)`):
 the trainer then passes a `torch.Generator` seeded from the run's seed, the process, the epoch and the sampling batch,
@@ -15,8 +16,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from urllib.parse import urlsplit
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -101,7 +102,8 @@ def _has_port(url: str) -> bool:
 def _split_spec(spec: str) -> list[tuple[str, float]]:
     """Syntax only: `spec` -> [(name, weight)], names not yet checked.
 
-    A component is `name`, `name:weight`, `module:function` or `module:function:weight`. A single colon is read as a
+    A component is `name`, `name:weight`, `module:function`, `module:function:weight`, a reward server's URL or
+    `URL:weight` (when the URL gives its port). A single colon is read as a
     weight when the part before it is a registered reward or the part after it is a number (a function name never is);
     two colons always end in a weight.
     """
@@ -163,7 +165,8 @@ def _check_single_name(name: str) -> None:
 
 def check_reward_name(name: str) -> None:
     """Raise `ValueError` with one readable line unless `name` is a valid reward spec: a registered name, an importable
-    `module:function`, a reward server's URL (not contacted here), or a comma-separated list of those with optional `:weight`s (see `parse_reward_spec`)."""
+    `module:function`, a reward server's URL (not contacted here), or a comma-separated list of those with optional
+    `:weight`s (see `parse_reward_spec`)."""
     parse_reward_spec(name)
 
 
@@ -253,7 +256,8 @@ def served_kinds(reward_fn: Any) -> dict[str, str]:
 
 
 def _make_single(name: str, device: torch.device | str | None, dtype: torch.dtype | None, options: dict) -> RewardFn:
-    """Build one registered reward or `module:function`, its outputs validated."""
+    """Build one registered reward, reward server (its client, which asks its `/health`) or `module:function`, its
+    outputs validated."""
     if name in _FACTORIES or is_url(name):
         factory = _FACTORIES.get(name, remote.remote_reward)
         accepted = inspect.signature(factory).parameters
