@@ -50,11 +50,16 @@ def get_config() -> ConfigDict:
     config.lora.targets = ""  # comma-separated module names; "" = the policy's default (LCM: the attention projections)
 
     config.reward = ConfigDict()
-    config.reward.name = "jpeg_compressibility"  # a registered reward or a "module:function" path
+    config.reward.name = "jpeg_compressibility"  # a registered reward, a "module:function" path or a server's URL
     config.reward.head_path = config_dict.placeholder(str)  # aesthetic: local sac+logos+ava1-l14-linearMSE.pth
     config.reward.clip_pretrained = "openai"  # aesthetic: open_clip tag or a local ViT-L-14 checkpoint
     config.reward.clip_model = "ViT-L-14"  # aesthetic: open_clip model name (768-d image embedding)
-    config.reward.batch_size = 32  # aesthetic: images per CLIP forward
+    config.reward.batch_size = 32  # aesthetic: images per CLIP forward; a reward server: outputs per request
+    # A reward server (reward.name = "http://host:port"): requests in flight at once, seconds to wait for an answer,
+    # and retries of a request that got none (or an HTTP 5xx), after 0.5 s, 1 s, 2 s, ...
+    config.reward.max_concurrency = 4
+    config.reward.timeout_s = 60.0
+    config.reward.retries = 3
     config.reward.reward_model_path = ""  # reward_model: a local folder or a Hub id (owner/name)
     config.reward.reward_batch_size = 8  # reward_model: texts per reward-model forward
     config.reward.missing_eos_penalty = config_dict.placeholder(float)  # text: the reward of a response without EOS

@@ -61,7 +61,8 @@ RUN_KEYS = frozenset({
 RESUMABLE_KEYS = frozenset({
     "num_epochs", "logdir", "run_name", "resume_from", "save_freq", "num_checkpoint_limit", "log_with",
     "collective_timeout_s", "kl_log_samples",
-    "reward.batch_size", "reward.reward_batch_size", "sample.decode_batch_size", "sample.overlap_reward",
+    "reward.batch_size", "reward.reward_batch_size", "reward.max_concurrency", "reward.timeout_s", "reward.retries",
+    "sample.decode_batch_size", "sample.overlap_reward",
     "train.learning_rate", "train.lr_schedule", "train.lr_warmup_steps", "train.gradient_checkpointing",
     "grid.num_prompts", "grid.num_seeds", "grid.seed",
     "eval.prompt_file", "eval.every", "eval.num_seeds", "eval.seed", "eval.rewards",

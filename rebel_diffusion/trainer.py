@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import random
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,8 @@ from rebel_diffusion.errors import CheckpointError, ConfigError  # noqa: F401 --
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
-from rebel_diffusion.rewards import RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind
+from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind,
+                                     served_kinds)
 from rebel_diffusion.schedule import OptimizerStepSchedule
 from rebel_diffusion.stop_together import stop_together
 from rebel_diffusion.trajectory import Trajectory
@@ -263,14 +265,25 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
-def _submit_score(scorer: ThreadPoolExecutor, device_type: str, *score_args: Any) -> Future:
+def _submit_score(scorer: ThreadPoolExecutor, device_type: str, *score_args: Any,
+                  failed: threading.Event | None = None) -> Future:
     """Run `_score(*score_args)` in the worker thread under `no_grad` and the autocast state of the calling thread:
-    grad mode and autocast are thread-local, and the worker must score as the sampling thread would."""
+    grad mode and autocast are thread-local, and the worker must score as the sampling thread would.
+
+    `failed`, shared by the batches of an epoch, is set when one's reward fails; a batch queued behind it is then not
+    scored (the run stops with the earlier batch's error), so a failing reward server is not asked again for it."""
     enabled, dtype = _autocast_state(device_type)
 
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            return _score(*score_args)
+        if failed is not None and failed.is_set():
+            raise RewardError("not scored: the reward of an earlier batch failed")
+        try:
+            with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                return _score(*score_args)
+        except BaseException:
+            if failed is not None:
+                failed.set()
+            raise
 
     return scorer.submit(run)
 
@@ -310,7 +323,12 @@ def evaluate(policy: Policy, prompts: list[str], seeds: list[int],
         outputs = policy.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs
         outputs_by_seed.append(outputs)
         for name, reward_fn in reward_fns.items():
-            scores[name].append(torch.as_tensor(reward_fn(outputs, prompts), dtype=torch.float32).cpu())
+            try:
+                scores[name].append(torch.as_tensor(reward_fn(outputs, prompts), dtype=torch.float32).cpu())
+            except Exception as e:  # a reward server gone away, user code failing: one line, as in training
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RewardError(f"held-out evaluation: reward {name!r} failed on the prompts whose first is "
+                                  f"{prompts[0]!r}: {detail}") from e
     return {f"eval_{name}": torch.cat(values).mean().item() for name, values in scores.items()}, outputs_by_seed
 
 
@@ -423,6 +441,11 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                            for name in eval_names}
     except RewardSetupError as e:
         raise ConfigError(f"reward {config.reward.name!r}: {e}") from None
+    for fn in (reward_fn, *eval_reward_fns.values()):  # a reward server says what it scores only when asked
+        for url, kind in served_kinds(fn).items():
+            if kind not in ("any", policy_class(config.policy).kind):
+                raise ConfigError(f"reward server {url} scores {kind} outputs (its /health), but policy "
+                                  f"{config.policy!r} produces {policy_class(config.policy).kind}")
     try:
         policy = make_policy(config, accelerator.device, dtype)
     except (FileNotFoundError, ValueError) as e:
@@ -478,7 +501,11 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
     for epoch in range(progress.epoch, config.num_epochs + 1):
         eval_metrics = {}
         if eval_prompts and (epoch % config.eval.every == 0 or epoch == config.num_epochs):
-            scores, outputs_by_seed = evaluate(policy, eval_prompts, eval_seeds, eval_reward_fns)
+            try:
+                scores, outputs_by_seed = evaluate(policy, eval_prompts, eval_seeds, eval_reward_fns)
+            except RewardError as e:
+                kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+                raise RewardError(f"epoch {epoch}: {e}; stopped, {kept}") from e.__cause__
             if np.isfinite(diversity := _diversity_across_seeds(policy, eval_prompts, outputs_by_seed)):
                 scores["eval_diversity"] = diversity
             eval_metrics = {"epoch": epoch, **scores}
@@ -520,14 +547,14 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
 
         # Batch i is scored in a worker thread while batch i+1 samples; the rewards are the same as in sequence.
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            pending = None
+            pending, failed = None, threading.Event()
             for batch_index in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
                                     disable=not is_main):
                 batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
                 trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
                 generator = _reward_generator(config.seed, accelerator.process_index, epoch, batch_index)
                 scored = _submit_score(scorer, accelerator.device.type, reward_fn, trajectory, config.reward.name,
-                                       epoch, kept, generator)
+                                       epoch, kept, generator, failed=failed)
                 if not config.sample.overlap_reward:
                     scored.result()
                 if pending is not None:

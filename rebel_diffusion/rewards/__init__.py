@@ -2,7 +2,9 @@
 
 `images` is a float tensor `(B, 3, H, W)` in [0, 1] on any device; `prompts` a list of B strings. A reward is built by
 a factory `factory(device=..., dtype=..., **options) -> reward_fn`, so that heavy scorers (a CLIP model) are created
-once per process on that process's device. A `module:function` path names a user reward function directly.
+once per process on that process's device. A `module:function` path names a user reward function directly; a URL
+`http://host:port` a reward served by another process (`rebel_diffusion.serve_reward`; the client is
+`rebel_diffusion.rewards.remote`).
 
 A reward function that draws random numbers takes a keyword `generator` (`reward_fn(outputs, prompts, generator=None)`):
 the trainer then passes a `torch.Generator` seeded from the run's seed, the process, the epoch and the sampling batch,
@@ -15,6 +17,7 @@ import importlib
 import inspect
 import math
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -84,10 +87,23 @@ def _looks_like_number(text: str) -> bool:
     return True
 
 
+def is_url(name: str) -> bool:
+    """Whether a reward name is a reward server's URL (`http://host:port`, served by `rebel_diffusion.serve_reward`)."""
+    return name.strip().startswith(("http://", "https://"))
+
+
+def _has_port(url: str) -> bool:
+    try:
+        return urlsplit(url).port is not None
+    except ValueError:
+        return False
+
+
 def _split_spec(spec: str) -> list[tuple[str, float]]:
     """Syntax only: `spec` -> [(name, weight)], names not yet checked.
 
-    A component is `name`, `name:weight`, `module:function` or `module:function:weight`. A single colon is read as a
+    A component is `name`, `name:weight`, `module:function`, `module:function:weight`, a reward server's URL or
+    `URL:weight` (when the URL gives its port). A single colon is read as a
     weight when the part before it is a registered reward or the part after it is a number (a function name never is);
     two colons always end in a weight.
     """
@@ -96,6 +112,12 @@ def _split_spec(spec: str) -> list[tuple[str, float]]:
         raise ValueError(f"reward spec {spec!r} has an empty component; write 'name' or 'name:weight', comma-separated")
     parsed = []
     for component in components:
+        if is_url(component):
+            # A reward server: `http://host:port`, weighted as `http://host:port:weight` (the port must be given).
+            head, _, tail = component.rpartition(":")
+            parsed.append((head.strip(), _parse_weight(tail.strip(), component)) if _has_port(head) and
+                          _looks_like_number(tail) else (component, 1.0))
+            continue
         if component in _FACTORIES:
             parsed.append((component, 1.0))
             continue
@@ -127,6 +149,9 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
 def _check_single_name(name: str) -> None:
     if name in _FACTORIES:
         return
+    if is_url(name):
+        remote.check_url(name)
+        return
     if ":" not in name:
         raise ValueError(f"unknown reward {name!r}; choose one of {available_rewards()} or give a 'module:function' path")
     module_name, fn_name = name.split(":", 1)
@@ -140,7 +165,8 @@ def _check_single_name(name: str) -> None:
 
 def check_reward_name(name: str) -> None:
     """Raise `ValueError` with one readable line unless `name` is a valid reward spec: a registered name, an importable
-    `module:function`, or a comma-separated list of those with optional `:weight`s (see `parse_reward_spec`)."""
+    `module:function`, a reward server's URL (not contacted here), or a comma-separated list of those with optional
+    `:weight`s (see `parse_reward_spec`)."""
     parse_reward_spec(name)
 
 
@@ -158,7 +184,8 @@ def reward_options(spec: str) -> frozenset[str] | None:
     `module:function` reward takes none (it is called as is)."""
     options: set[str] = set()
     for name, _ in parse_reward_spec(spec):
-        taken = _factory_options(_FACTORIES[name]) if name in _FACTORIES else frozenset()
+        taken = (_factory_options(_FACTORIES[name]) if name in _FACTORIES else
+                 _factory_options(remote.remote_reward) if is_url(name) else frozenset())
         if taken is None:
             return None
         options |= taken
@@ -166,8 +193,9 @@ def reward_options(spec: str) -> frozenset[str] | None:
 
 
 def rewards_taking(option: str) -> list[str]:
-    """The registered rewards that take `option`."""
-    return [name for name in available_rewards() if option in (_factory_options(_FACTORIES[name]) or ())]
+    """The registered rewards that take `option`, and "http://host:port" when a reward server's client takes it."""
+    names = [name for name in available_rewards() if option in (_factory_options(_FACTORIES[name]) or ())]
+    return names + (["http://host:port"] if option in _factory_options(remote.remote_reward) else [])
 
 
 def validate_scores(name: str, scores: Any, batch_size: int) -> torch.Tensor:
@@ -214,15 +242,28 @@ def _validated(name: str, fn: RewardFn) -> RewardFn:
     def reward_fn(outputs: Any, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
         return validate_scores(name, call_reward(fn, outputs, prompts, generator), len(prompts))
 
+    if getattr(fn, "served_kind", None) is not None:  # a reward server's kind, from its /health
+        reward_fn.served_kinds = {name: fn.served_kind}
     return reward_fn
 
 
+def served_kinds(reward_fn: Any) -> dict[str, str]:
+    """What each reward server among a built reward's components said it scores, by URL: `{url: kind}`."""
+    kinds = dict(getattr(reward_fn, "served_kinds", {}))
+    for fn in getattr(reward_fn, "_fns", []):
+        kinds.update(getattr(fn, "served_kinds", {}))
+    return kinds
+
+
 def _make_single(name: str, device: torch.device | str | None, dtype: torch.dtype | None, options: dict) -> RewardFn:
-    """Build one registered reward or `module:function`, its outputs validated."""
-    if name in _FACTORIES:
-        factory = _FACTORIES[name]
+    """Build one registered reward, reward server (its client, which asks its `/health`) or `module:function`, its
+    outputs validated."""
+    if name in _FACTORIES or is_url(name):
+        factory = _FACTORIES.get(name, remote.remote_reward)
         accepted = inspect.signature(factory).parameters
-        fn = factory(device=device, dtype=dtype, **{k: v for k, v in options.items() if k in accepted})
+        kwargs = {k: v for k, v in options.items() if k in accepted and k != "url"}
+        fn = factory(name, device=device, dtype=dtype, **kwargs) if is_url(name) else factory(
+            device=device, dtype=dtype, **kwargs)
     else:
         module_name, fn_name = name.split(":", 1)
         fn = getattr(importlib.import_module(module_name), fn_name)
@@ -296,4 +337,4 @@ def _wrap_trl_signature(fn: Callable) -> RewardFn:
 
 
 # Importing the modules registers their rewards.
-from rebel_diffusion.rewards import aesthetic, alignment, jpeg, shape_fidelity, text  # noqa: E402,F401
+from rebel_diffusion.rewards import aesthetic, alignment, jpeg, remote, shape_fidelity, text  # noqa: E402,F401

@@ -1,0 +1,202 @@
+"""The client of a reward server: `reward.name = "http://host:port"` scores outputs with a reward that runs in another
+process (`python -m rebel_diffusion.serve_reward`, or any server speaking the protocol below).
+
+Protocol (JSON over HTTP; the README's "Reward servers" section is the reference for writing a server):
+
+* `GET /health` -> `{"reward": "<name>", "kind": "image" | "text" | "any"}`; asked once when the reward is built,
+  before any model loads, so that a server that does not answer stops the run before it samples.
+* `POST /score` with `{"prompts": [...], "images": {"dtype": "float32", "shape": [B, 3, H, W], "data": "<base64>"}}`
+  (the images' float32 values in [0, 1], little-endian, C order) or `{"prompts": [...], "responses": [...]}` for text,
+  and optionally `"seed"` (an integer: a reward that draws random numbers draws from a generator seeded with it)
+  -> `{"scores": [B numbers]}`. An error is any other status, with `{"error": "<one line>"}` as its body.
+
+A batch is split into requests of at most `batch_size` outputs, at most `max_concurrency` of them in flight at once.
+A request that gets no answer (connection refused or reset, no byte for `timeout_s` seconds) or an HTTP 5xx or 429 is
+retried `retries` times, after 0.5 s, 1 s, 2 s, ... (at most 10 s); an answer that breaks the protocol (a 4xx, not
+JSON, no `scores`, the wrong number of them, NaN, infinite or non-numeric scores) is the server's deterministic answer
+and is not retried. Either way the reward raises `RewardServerError`, one line naming the URL and what went wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import requests
+import torch
+
+from rebel_diffusion.rewards import RewardSetupError
+
+BACKOFF_S = 0.5  # the first retry's wait; doubled at each retry
+MAX_BACKOFF_S = 10.0
+RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class RewardServerError(RuntimeError):
+    """A reward server failed to score a batch; the message is one line naming the URL and the error."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (no answer, a 5xx); its message is the line to report when the retries run out."""
+
+
+def check_url(url: str) -> None:
+    """`ValueError` (one line) unless `url` is `http(s)://host[:port][/path]`."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in 0-65535
+    except ValueError as e:
+        raise ValueError(f"reward server URL {url!r} is not valid ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"reward server URL {url!r} is not valid; write http://host:port")
+    if parts.query or parts.fragment:
+        raise ValueError(f"reward server URL {url!r} must not have a query or fragment")
+
+
+def encode_images(images: torch.Tensor) -> dict[str, Any]:
+    """`(B, 3, H, W)` images -> the protocol's `{"dtype": "float32", "shape": [...], "data": base64}` (exact)."""
+    array = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy(), dtype="<f4")
+    return {"dtype": "float32", "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def decode_images(payload: Any) -> np.ndarray:
+    """The protocol's image payload -> a `(B, 3, H, W)` float32 array; `ValueError` (one line) when it is malformed."""
+    if not isinstance(payload, dict) or payload.get("dtype") != "float32":
+        raise ValueError('"images" must be {"dtype": "float32", "shape": [B, 3, H, W], "data": "<base64>"}')
+    shape = payload.get("shape")
+    if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f'"images.shape" must be [B, 3, H, W], got {shape!r}')
+    try:
+        data = base64.b64decode(payload.get("data", ""), validate=True)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f'"images.data" is not base64 ({e})') from None
+    if len(data) != 4 * math.prod(shape):
+        raise ValueError(f'"images.data" holds {len(data)} bytes; shape {shape} needs {4 * math.prod(shape)}')
+    return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class RemoteReward:
+    """`reward_fn(outputs, prompts, generator=None) -> (B,)` float32, scored by the server at `url`.
+
+    Attributes: `url`; `served_reward` and `served_kind`, what the server's `/health` said it serves.
+    """
+
+    def __init__(self, url: str, batch_size: int = 32, max_concurrency: int = 4, timeout_s: float = 60.0,
+                 retries: int = 3) -> None:
+        check_url(url)
+        if batch_size < 1 or max_concurrency < 1:
+            raise RewardSetupError(f"reward server {url}: batch_size and max_concurrency must be at least 1")
+        if not timeout_s > 0 or retries < 0:
+            raise RewardSetupError(f"reward server {url}: timeout_s must be positive and retries non-negative")
+        self.url = url.rstrip("/")
+        self.batch_size, self.max_concurrency = int(batch_size), int(max_concurrency)
+        self.timeout_s, self.retries = float(timeout_s), int(retries)
+        self._local = threading.local()  # one requests.Session (a keep-alive connection pool) per thread
+        try:
+            health = self._request("GET", "/health")
+        except RewardServerError as e:
+            raise RewardSetupError(str(e)) from None
+        if not isinstance(health, dict) or health.get("kind") not in ("image", "text", "any"):
+            raise RewardSetupError(f"reward server {self.url}: GET /health answered {_short(json.dumps(health))}; "
+                                   'expected {"reward": name, "kind": "image" | "text" | "any"}')
+        self.served_reward, self.served_kind = str(health.get("reward", "")), health["kind"]
+
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def _attempt(self, method: str, path: str, body: bytes | None) -> Any:
+        """One request: the decoded JSON answer, `_Transient` for what a retry may cure, `RewardServerError` else."""
+        where = f"reward server {self.url}: {method} {path}"
+        try:
+            response = self._session().request(method, self.url + path, data=body, timeout=self.timeout_s,
+                                               headers={"Content-Type": "application/json"} if body else None)
+        except requests.Timeout:
+            raise _Transient(f"{where} timed out (no answer within timeout_s = {self.timeout_s:g} s)") from None
+        except requests.ConnectionError as e:
+            reason = e.args[0] if e.args else e
+            reason = getattr(reason, "reason", reason)
+            raise _Transient(f"{where} got no answer ({_short(str(reason), 100)})") from None
+        if response.status_code != 200:
+            try:
+                detail = str(response.json().get("error", "")) or response.reason
+            except (ValueError, AttributeError):
+                detail = response.text or response.reason
+            line = f"{where} answered HTTP {response.status_code}: {_short(detail)}"
+            if response.status_code in RETRIED_STATUS:
+                raise _Transient(line)
+            raise RewardServerError(line)
+        try:
+            return json.loads(response.text)  # NaN and Infinity parse, to be named below
+        except ValueError as e:
+            raise RewardServerError(f"{where} answered something that is not JSON ({_short(str(e), 60)}): "
+                                    f"{_short(response.text, 60)!r}") from None
+
+    def _request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        """`_attempt` with up to `retries` retries of transient failures, waiting 0.5 s, 1 s, 2 s, ... between."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._attempt(method, path, body)
+            except _Transient as e:
+                if attempt == self.retries:
+                    tries = f"{self.retries + 1} attempts" if self.retries else "1 attempt, reward.retries = 0"
+                    raise RewardServerError(f"{e} ({tries})") from None
+                time.sleep(min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _score_chunk(self, outputs: Any, prompts: list[str], seed: int | None) -> list[float]:
+        request: dict[str, Any] = {"prompts": list(prompts)}
+        if isinstance(outputs, torch.Tensor):
+            request["images"] = encode_images(outputs)
+        else:
+            request["responses"] = [str(o) for o in outputs]
+        if seed is not None:
+            request["seed"] = seed
+        answer = self._request("POST", "/score", json.dumps(request).encode())
+        where = f"reward server {self.url}: POST /score"
+        scores = answer.get("scores") if isinstance(answer, dict) else None
+        if not isinstance(scores, list):
+            raise RewardServerError(f'{where} answered without a "scores" list: {_short(json.dumps(answer), 80)}')
+        if len(scores) != len(prompts):
+            raise RewardServerError(f"{where} answered {len(scores)} scores for {len(prompts)} outputs")
+        for i, score in enumerate(scores):
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise RewardServerError(f"{where}: score {i} of {len(scores)} is {json.dumps(score)}, not a number")
+            if not math.isfinite(score):
+                raise RewardServerError(f"{where}: score {i} of {len(scores)} is {score}")
+        return [float(s) for s in scores]
+
+    def __call__(self, outputs: Any, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        # A generator's seed goes with each request (plus the request's index), so a random reward can seed its own.
+        base = generator.initial_seed() if generator is not None else None
+        starts = range(0, len(prompts), self.batch_size)
+        chunks = [(outputs[s : s + self.batch_size], prompts[s : s + self.batch_size],
+                   None if base is None else (base + i) % 2**63) for i, s in enumerate(starts)]
+        if len(chunks) == 1:
+            scores = [self._score_chunk(*chunks[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks))) as pool:
+                scores = list(pool.map(lambda chunk: self._score_chunk(*chunk), chunks))
+        return torch.tensor([s for chunk in scores for s in chunk], dtype=torch.float32)
+
+
+def remote_reward(url: str, /, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                  batch_size: int = 32, max_concurrency: int = 4, timeout_s: float = 60.0,
+                  retries: int = 3) -> RemoteReward:
+    """The factory of a `reward.name = "http://host:port"` reward; its keyword parameters are its `reward.*` options
+    (`device` and `dtype` are the server's business)."""
+    return RemoteReward(url, batch_size=batch_size, max_concurrency=max_concurrency, timeout_s=timeout_s,
+                        retries=retries)
