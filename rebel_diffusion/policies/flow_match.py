@@ -485,9 +485,8 @@ class FlowMatchPolicy:
 
     def load_lora(self, directory: str | Path) -> None:
         """Load LoRA weights written by `save_lora` into this policy's adapter."""
-        state, *_ = StableDiffusion3Pipeline.lora_state_dict(str(directory))
-        if isinstance(state, tuple):
-            state = state[0]
+        state = StableDiffusion3Pipeline.lora_state_dict(str(directory))
+        state = state[0] if isinstance(state, tuple) else state  # (state, alphas) in some diffusers versions
         transformer_state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
         result = set_peft_model_state_dict(self.transformer, convert_unet_state_dict_to_peft(transformer_state))
         if result is not None and getattr(result, "unexpected_keys", None):
