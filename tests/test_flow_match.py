@@ -137,7 +137,11 @@ def test_sampler_steps_follow_the_formulas_with_the_generators_noise(tiny_sd3_pa
             std = sigma_next * math.sin(a * math.pi / 2)
             mean = (1 - sigma_next) * (x - sigma * v) + math.sqrt(sigma_next**2 - std**2) * (x + (1 - sigma) * v)
         noise = torch.randn(shape, generator=generator).double()
-        torch.testing.assert_close(trajectory.actions[:, step].double(), mean + std * noise, atol=2e-5, rtol=1e-5)
+        action = trajectory.actions[:, step].double()
+        torch.testing.assert_close(action, mean + std * noise, atol=2e-5, rtol=1e-5)
+        # The stored log-prob is the Gaussian density of the action, averaged over the 1024 latent dims ("mean").
+        density = torch.distributions.Normal(mean, std).log_prob(action).flatten(1).mean(1)
+        torch.testing.assert_close(trajectory.log_probs[:, step].double(), density, atol=1e-4, rtol=0)
     assert policy.num_actions == (STEPS if sde == "flow_sde" else STEPS - 1)
 
 
