@@ -352,3 +352,32 @@ def test_per_step_gradients_equal_the_full_graph(tiny_sd3_path, name, window):
     # sign or scale is off by O(1) of the max.
     for got, want in zip(_grads(policy), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_an_epoch_makes_the_floor_number_of_transformer_calls(tiny_sd3_path, tmp_path, monkeypatch):
+    import rebel_diffusion.trainer as trainer
+    from test_trainer import tiny_config
+
+    calls, make = [], trainer.make_policy
+
+    def counting(*args, **kwargs):
+        policy = make(*args, **kwargs)
+        policy.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append((len(kwargs["hidden_states"]), torch.is_grad_enabled())),
+            with_kwargs=True)
+        return policy
+
+    monkeypatch.setattr(trainer, "make_policy", counting)
+    config = tiny_config(tiny_sd3_path, tmp_path, policy="flow_match", num_epochs=1, **{
+        "grid.num_prompts": 0, "model.num_steps": STEPS, "model.guidance_scale": GUIDANCE, "sample.sde_window": (1, 2)})
+    trainer.train(config)
+    k, cfg, window = 2, 2, 2  # REBEL's pairs; every call carries the unconditional and conditional batch
+    batches, prompts = config.sample.num_batches_per_epoch, config.sample.batch_size
+    micro_batches = batches * prompts // config.train.batch_size
+    # Sampling: every one of the 4 steps, the ODE steps outside the window too, on each batch of k samples per prompt.
+    sampling = [(prompts * k * cfg, False)] * (STEPS * batches)
+    # At kl_coef 0 the logged KL is estimated on kl_log_samples trajectories: policy and base at each window step.
+    kl_logging = [(config.kl_log_samples * cfg, False)] * (2 * window)
+    # Training: one forward (and backward) per window step of each micro-batch, not per step of the chain.
+    training = [(config.train.batch_size * k * cfg, True)] * (window * micro_batches)
+    assert calls == sampling + kl_logging + training
