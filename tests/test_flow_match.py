@@ -381,3 +381,14 @@ def test_an_epoch_makes_the_floor_number_of_transformer_calls(tiny_sd3_path, tmp
     # Training: one forward (and backward) per window step of each micro-batch, not per step of the chain.
     training = [(config.train.batch_size * k * cfg, True)] * (window * micro_batches)
     assert calls == sampling + kl_logging + training
+
+
+def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(tiny_sd3_path):
+    policy = make_policy(tiny_sd3_path, sde="cps", noise_level=0.5, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    assert policy.transformer.dtype == torch.bfloat16 and policy.vae.dtype == torch.bfloat16
+    assert not policy.merge_for_sampling  # a fp32 LoRA merged into bf16 weights would round W + delta
+    trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(0))
+    assert trajectory.log_probs.dtype == torch.float32 and torch.isfinite(trajectory.log_probs).all()
+    recomputed, _ = policy.log_prob(trajectory, range(0, 1))
+    torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, :1], atol=1e-5, rtol=0)
