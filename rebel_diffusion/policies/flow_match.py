@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
@@ -213,6 +213,9 @@ class FlowMatchPolicy:
         if decode_batch_size < 1:
             raise ValueError(f"decode_batch_size must be at least 1, got {decode_batch_size}")
         self.window_start, self.window_size = resolve_window(sde, noise_level, sde_window, num_steps)
+        if not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(f"the pipeline's scheduler is a {type(pipeline.scheduler).__name__}, not the "
+                             "FlowMatchEulerDiscreteScheduler whose sigmas the flow steps integrate")
         if resolution % (pipeline.vae_scale_factor * pipeline.patch_size) != 0:
             raise ValueError(f"resolution {resolution} must be divisible by the VAE's {pipeline.vae_scale_factor} times "
                              f"the patch size {pipeline.patch_size}")
@@ -369,6 +372,7 @@ class FlowMatchPolicy:
         return step_fn(v, latents.float(), self.sigmas[step], self.sigmas[step + 1], self.noise_level)
 
     def in_window(self, step: int) -> bool:
+        """Whether scheduler step `step` is a stochastic action (inside `sample.sde_window`)."""
         return self.window_start <= step < self.window_start + self.window_size
 
     @torch.no_grad()
