@@ -7,7 +7,8 @@ def get_config() -> ConfigDict:
     config = ConfigDict()
 
     config.algorithm = "rebel"  # "rebel", "ppo", "rloo", "grpo" or "online_dpo"
-    config.policy = "lcm"  # "lcm" (the LCM chain) or "causal_lm" (a transformers causal language model)
+    # "lcm" (the LCM chain), "flow_match" (an SD3-style flow-matching pipeline) or "causal_lm" (a transformers causal LM)
+    config.policy = "lcm"
     config.kl_coef = 0.0  # KL to the base model: shapes the reward (REBEL, RLOO, DPO) or a loss term (PPO, GRPO)
     config.kl_log_samples = 2  # at kl_coef 0 (or as a loss term), the logged `kl` is estimated on this many samples
     config.seed = 0  # accelerate.utils.set_seed(seed, device_specific=True): each process draws its own noise
@@ -69,6 +70,13 @@ def get_config() -> ConfigDict:
     config.sample.num_batches_per_epoch = 10
     config.sample.decode_batch_size = 4  # images per VAE decode call: bounds decoder memory at 768 px
     config.sample.overlap_reward = True  # score batch i in a worker thread while batch i+1 samples (same results)
+    # flow_match only: the dynamics that turn the flow ODE into a policy: "flow_sde" (Flow-GRPO's SDE), "cps"
+    # (coefficients-preserving sampling) or "ode" (diffusers' Euler step: the pipeline's images, nothing to train).
+    config.sample.sde = "flow_sde"
+    config.sample.noise_level = 0.7  # flow_match: the SDE's noise level a (> 0; below 1 for cps)
+    # flow_match: (first stochastic step, count); the other steps are ODE steps, not trained. () = every step that
+    # carries noise (flow_sde: all; cps: all but the last, whose std sigma_next sin(a pi/2) is 0).
+    config.sample.sde_window = ()
 
     config.train = ConfigDict()
     config.train.batch_size = 1  # per process: groups (REBEL/DPO pairs, PPO samples, RLOO/GRPO groups) per micro-batch

@@ -21,6 +21,11 @@ COMMON_KEYS = (
 )
 LCM_KEYS = ("resolution", "model.num_steps", "model.guidance_scale")
 TEXT_KEYS = ("model.max_new_tokens", "model.temperature")
+FLOW_KEYS = ("resolution", "model.num_steps", "model.guidance_scale", "sample.sde", "sample.noise_level",
+             "sample.sde_window")
+# The diffusers pipeline class that loads each image policy's LoRA file, and the card's tags for it.
+IMAGE_PIPELINES = {"lcm": ("LatentConsistencyModelPipeline", "latent-consistency-model", LCM_KEYS),
+                   "flow_match": ("StableDiffusion3Pipeline", "flow-matching", FLOW_KEYS)}
 
 
 def _get(config: dict[str, Any], key: str) -> Any:
@@ -46,13 +51,15 @@ def write_model_card(directory: Path, config: dict[str, Any], metrics: dict[str,
         metrics: the last logged metrics (a `metrics.jsonl` line), or None.
     """
     directory = Path(directory)
-    is_lcm = config.get("policy", "lcm") == "lcm"
+    policy = config.get("policy", "lcm")
+    is_lcm = policy in IMAGE_PIPELINES  # an image policy with a diffusers pipeline
+    pipeline_class, family_tag, image_keys = IMAGE_PIPELINES.get(policy, IMAGE_PIPELINES["lcm"])
     base_model = str(_get(config, "model.pretrained"))
     algorithm = str(config.get("algorithm", "unknown"))
     reward = str(_get(config, "reward.name"))
     library = "diffusers" if is_lcm else "peft"
     tags = ["rebel-diffusion", "reinforcement-learning", algorithm, "lora"]
-    tags += ["text-to-image", "latent-consistency-model"] if is_lcm else ["text-generation"]
+    tags += ["text-to-image", family_tag] if is_lcm else ["text-generation"]
 
     front = ["---"]
     # The Hub links base_model only to a Hub id; a local path would be an invalid reference.
@@ -62,7 +69,7 @@ def write_model_card(directory: Path, config: dict[str, Any], metrics: dict[str,
     front += [f"- {_yaml_string(tag)}" for tag in tags]
     front.append("---")
 
-    keys = COMMON_KEYS + ALGORITHM_KEYS.get(algorithm, ()) + (LCM_KEYS if is_lcm else TEXT_KEYS)
+    keys = COMMON_KEYS + ALGORITHM_KEYS.get(algorithm, ()) + (image_keys if is_lcm else TEXT_KEYS)
     rows = [f"| `{key}` | `{_get(config, key)}` |" for key in keys if _get(config, key) is not None]
     body = [
         f"# {algorithm.upper()} fine-tune of {base_model}",
@@ -91,9 +98,9 @@ def write_model_card(directory: Path, config: dict[str, Any], metrics: dict[str,
     if is_lcm:
         body += [
             "import torch",
-            "from diffusers import LatentConsistencyModelPipeline",
+            f"from diffusers import {pipeline_class}",
             "",
-            f"pipe = LatentConsistencyModelPipeline.from_pretrained({base_model!r})",
+            f"pipe = {pipeline_class}.from_pretrained({base_model!r})",
             "pipe.load_lora_weights(\"path/to/this/folder\")",
             f"image = pipe(\"a prompt\", num_inference_steps={_get(config, 'model.num_steps')}, "
             f"guidance_scale={_get(config, 'model.guidance_scale')}).images[0]",

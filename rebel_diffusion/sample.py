@@ -30,7 +30,8 @@ from rebel_diffusion.checkpoints import find_checkpoint
 from rebel_diffusion.trainer import DTYPES, ConfigError, read_prompts
 
 # What a checkpoint folder holds for each policy: the diffusers LoRA file, a peft adapter, or (LoRA rank 0) full weights.
-LORA_FILES = {"lcm": ("pytorch_lora_weights.safetensors",), "causal_lm": ("adapter_model.safetensors", "model.safetensors")}
+LORA_FILES = {"lcm": ("pytorch_lora_weights.safetensors",), "flow_match": ("pytorch_lora_weights.safetensors",),
+              "causal_lm": ("adapter_model.safetensors", "model.safetensors")}
 DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse"]
 
 
@@ -93,11 +94,12 @@ def adapter_disabled(policy: Policy) -> Iterator[None]:
     """Sample the base model inside the block: the policy's own network with its LoRA adapter switched off."""
     pipeline = getattr(policy, "pipeline", None)
     if pipeline is not None:
-        pipeline.unet.disable_adapters()
+        denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
+        denoiser.disable_adapters()
         try:
             yield
         finally:
-            pipeline.unet.enable_adapters()
+            denoiser.enable_adapters()
         return
     network = getattr(policy, "network", None)
     if network is None or not hasattr(network, "disable_adapter"):

@@ -46,6 +46,48 @@ def build_tiny_pipeline(tokenizer_dir: Path, seed: int = 0) -> LatentConsistency
     )
 
 
+def build_tiny_sd3_pipeline(tokenizer_dir: Path, seed: int = 0):
+    """A random SD3-style pipeline without T5 (`text_encoder_3=None`): two 2-layer CLIP encoders with projections, a
+    2-layer `SD3Transformer2DModel`, a 16-channel VAE (32 px images, 8x8x16 latents) and a shifted flow scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(tokenizer_dir, model_max_length=16)
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=16, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+
+    text_encoder, text_encoder_2 = clip(), clip()
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+        sample_size=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD3 pipeline folder without T5, as `save_pretrained` writes it."""
+    root = tmp_path_factory.mktemp("tiny-sd3")
+    build_tiny_sd3_pipeline(root / "tokenizer-src").save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
 @pytest.fixture(scope="session")
 def tiny_lcm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LCM pipeline folder, as `save_pretrained` writes it."""

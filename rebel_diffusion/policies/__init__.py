@@ -99,6 +99,7 @@ def same_prompt_pairs(prompts: list[str]) -> tuple[list[int], list[int]]:
 POLICIES = {
     "lcm": "rebel_diffusion.policies.lcm:LCMPolicy",
     "causal_lm": "rebel_diffusion.policies.causal_lm:CausalLMPolicy",
+    "flow_match": "rebel_diffusion.policies.flow_match:FlowMatchPolicy",
 }
 
 

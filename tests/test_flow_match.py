@@ -1,0 +1,394 @@
+"""The flow-matching policy on a tiny random SD3 pipeline without T5: its ODE is the diffusers pipeline, its SDE and
+CPS steps are the formulas of issue 20, its log-probs and KLs are what they claim, its LoRA loads in plain diffusers."""
+
+import copy
+import functools
+import json
+import math
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from rebel_diffusion.policies.flow_match import FlowMatchPolicy, cps_step, flow_sde_step, ode_step
+from test_lcm import image_rounding_tolerance
+
+PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
+STEPS, GUIDANCE = 4, 4.5
+
+
+def make_policy(path, **options) -> FlowMatchPolicy:
+    """A policy on a fresh copy of the pipeline `path` holds (loaded from disk once: loading is most of a test's time;
+    the tests named `from_pretrained` and the trainer's load it the user's way)."""
+    options = {"num_steps": STEPS, "guidance_scale": GUIDANCE, "resolution": 32, **options}
+    return FlowMatchPolicy(copy.deepcopy(_loaded(str(path))), **options)
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(path: str) -> StableDiffusion3Pipeline:
+    return load_pipeline(path)
+
+
+def perturb_lora(policy: FlowMatchPolicy, scale: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+def pipeline_images(pipeline, prompts, seed, guidance_scale=GUIDANCE):
+    return pipeline(prompts, num_inference_steps=STEPS, guidance_scale=guidance_scale, output_type="pt", height=32,
+                    width=32, generator=torch.Generator().manual_seed(seed)).images
+
+
+def tolerance(pipeline, guidance_scale=GUIDANCE) -> float:
+    # Each transformer call is one batch (uncond + cond); the policy caches each prompt's embedding on its own while the
+    # pipeline encodes the batch, and a LoRA merged into W rounds differently from peft's side branch.
+    return image_rounding_tolerance([pipeline.text_encoder, pipeline.text_encoder_2, pipeline.transformer,
+                                     pipeline.vae.decoder], [1, 1, STEPS, 1])
+
+
+def load_pipeline(path) -> StableDiffusion3Pipeline:
+    pipeline = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, GUIDANCE])
+def test_ode_sampler_from_pretrained_equals_the_diffusers_pipeline(tiny_sd3_path, guidance_scale):
+    policy = FlowMatchPolicy.from_pretrained(tiny_sd3_path, num_steps=STEPS, guidance_scale=guidance_scale,
+                                             resolution=32, sde="ode")
+    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0))
+    reference = pipeline_images(policy.pipeline, PROMPTS, 0, guidance_scale)
+    assert trajectory.outputs.shape == reference.shape == (3, 3, 32, 32)
+    assert reference.std() > 0.01  # not a flat image
+    torch.testing.assert_close(trajectory.outputs, reference, atol=tolerance(policy.pipeline), rtol=0)
+    assert trajectory.log_probs.shape == (3, 0) and policy.num_actions == 0
+
+
+def test_ode_sampler_equals_the_pipeline_with_trained_lora_weights(tiny_sd3_path):
+    policy = make_policy(tiny_sd3_path, sde="ode")
+    perturb_lora(policy)
+    trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(3))
+    reference = pipeline_images(policy.pipeline, PROMPTS[:2], 3)
+    torch.testing.assert_close(trajectory.outputs, reference, atol=tolerance(policy.pipeline), rtol=0)
+
+
+def test_the_scheduler_gives_the_shifted_sigmas(tiny_sd3_path):
+    policy = make_policy(tiny_sd3_path, sde="ode")
+    shift = policy.pipeline.scheduler.config.shift
+    assert shift == 3.0
+    sigmas = policy.sigmas.tolist()
+    assert len(sigmas) == STEPS + 1 and sigmas[0] == pytest.approx(1.0) and sigmas[-1] == 0.0
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    torch.testing.assert_close(policy.timesteps, policy.sigmas[:-1] * 1000)
+
+
+# ---- The step functions against hand computations (sigma = 0.8 -> 0.6, a = 0.7, x = (0.5, -1), v = (0.2, 0.3)) ----
+
+X = torch.tensor([0.5, -1.0], dtype=torch.float64).view(1, 2, 1, 1)
+V = torch.tensor([0.2, 0.3], dtype=torch.float64).view(1, 2, 1, 1)
+SIGMA, SIGMA_NEXT = torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
+
+
+def test_ode_step_is_euler():
+    next_x = ode_step(V, X, SIGMA, SIGMA_NEXT)
+    torch.testing.assert_close(next_x.flatten(), torch.tensor([0.5 - 0.2 * 0.2, -1.0 - 0.2 * 0.3], dtype=torch.float64))
+
+
+def test_flow_sde_step_equals_the_hand_computation():
+    mean, std = flow_sde_step(V, X, SIGMA, SIGMA_NEXT, 0.7)
+    # std_t = 0.7 sqrt(0.8 / 0.2) = 1.4; dt = -0.2; std_t^2 / (2 sigma) = 1.96 / 1.6 = 1.225
+    # x = 0.5, v = 0.2: 0.5 + (0.2 + 1.225 (0.5 + 0.2 * 0.2)) (-0.2) = 0.5 - 0.2 * 0.8615 = 0.3277
+    # x = -1, v = 0.3: -1 + (0.3 + 1.225 (-1 + 0.2 * 0.3)) (-0.2) = -1 - 0.2 * (0.3 - 1.1515) = -0.8297
+    torch.testing.assert_close(mean.flatten(), torch.tensor([0.3277, -0.8297], dtype=torch.float64))
+    assert std.item() == pytest.approx(1.4 * math.sqrt(0.2))  # std_t sqrt(-dt) = 0.626099...
+
+
+def test_flow_sde_step_at_sigma_one_uses_the_next_sigma_in_the_denominator():
+    sigma, sigma_next = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.75, dtype=torch.float64)
+    mean, std = flow_sde_step(V, X, sigma, sigma_next, 0.7)
+    # std_t = 0.7 sqrt(1 / (1 - 0.75)) = 1.4, dt = -0.25; std_t^2 / 2 = 0.98; (1 - sigma) v = 0
+    # 0.5 + (0.2 + 0.98 * 0.5) (-0.25) = 0.3275; -1 + (0.3 - 0.98) (-0.25) = -0.83
+    torch.testing.assert_close(mean.flatten(), torch.tensor([0.3275, -0.83], dtype=torch.float64))
+    assert std.item() == pytest.approx(1.4 * 0.5)
+
+
+def test_cps_step_equals_the_hand_computation():
+    mean, std = cps_step(V, X, SIGMA, SIGMA_NEXT, 0.5)
+    # std = 0.6 sin(pi / 4) = 0.424264; sqrt(0.36 - 0.18) = 0.424264
+    # x0 = (0.5 - 0.16, -1 - 0.24) = (0.34, -1.24); x1 = (0.5 + 0.04, -1 + 0.06) = (0.54, -0.94)
+    # mean = 0.4 x0 + 0.424264 x1 = (0.136 + 0.229103, -0.496 - 0.398808)
+    c = 0.6 / math.sqrt(2)
+    assert std.item() == pytest.approx(c)
+    torch.testing.assert_close(mean.flatten(), torch.tensor([0.136 + 0.54 * c, -0.496 - 0.94 * c], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sde, a", [("flow_sde", 0.7), ("cps", 0.5)])
+def test_sampler_steps_follow_the_formulas_with_the_generators_noise(tiny_sd3_path, sde, a):
+    policy = make_policy(tiny_sd3_path, sde=sde, noise_level=a)
+    perturb_lora(policy)
+    trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    shape = (2, 16, 8, 8)
+    x = torch.randn(shape, generator=generator)
+    torch.testing.assert_close(trajectory.states[:, 0], x, atol=0, rtol=0)
+    for step in range(policy.num_actions):
+        sigma, sigma_next = policy.sigmas[step].double().item(), policy.sigmas[step + 1].double().item()
+        with torch.no_grad():
+            v = policy.velocity(trajectory.states[:, step], step, trajectory.conditioning).double()
+        x = trajectory.states[:, step].double()
+        if sde == "flow_sde":  # written out again here, not calling the module
+            std_t = a * math.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma)))
+            dt = sigma_next - sigma
+            mean = x + (v + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
+            std = std_t * math.sqrt(-dt)
+        else:
+            std = sigma_next * math.sin(a * math.pi / 2)
+            mean = (1 - sigma_next) * (x - sigma * v) + math.sqrt(sigma_next**2 - std**2) * (x + (1 - sigma) * v)
+        noise = torch.randn(shape, generator=generator).double()
+        action = trajectory.actions[:, step].double()
+        torch.testing.assert_close(action, mean + std * noise, atol=2e-5, rtol=1e-5)
+        # The stored log-prob is the Gaussian density of the action, averaged over the 1024 latent dims ("mean").
+        density = torch.distributions.Normal(mean, std).log_prob(action).flatten(1).mean(1)
+        torch.testing.assert_close(trajectory.log_probs[:, step].double(), density, atol=1e-4, rtol=0)
+    assert policy.num_actions == (STEPS if sde == "flow_sde" else STEPS - 1)
+
+
+@pytest.mark.parametrize("sde, reduction, window", [("flow_sde", "mean", ()), ("cps", "sum", ()),
+                                                     ("flow_sde", "sum", (1, 2))])
+def test_recomputed_log_probs_equal_stored(tiny_sd3_path, sde, reduction, window):
+    policy = make_policy(tiny_sd3_path, sde=sde, logprob_reduction=reduction, sde_window=window)
+    perturb_lora(policy)
+    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(1))
+    assert trajectory.log_probs.shape == (3, policy.num_actions) and torch.isfinite(trajectory.log_probs).all()
+    assert policy.step_chunks() == [range(t, t + 1) for t in range(policy.num_actions)]
+    for steps in policy.step_chunks():
+        recomputed, kl = policy.log_prob(trajectory, steps)
+        assert recomputed.requires_grad and kl is None
+        # Sampled with the LoRA merged into W, re-scored unmerged: fp32 rounding; a "sum" over 256 dims is ~ 1e2-1e3.
+        torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, steps.start : steps.stop], atol=1e-4,
+                                   rtol=1e-5 if reduction == "sum" else 0)
+
+
+def test_the_window_runs_ode_steps_outside_it(tiny_sd3_path):
+    windowed = make_policy(tiny_sd3_path, sde="flow_sde", sde_window=(1, 2))
+    assert windowed.num_actions == 2
+    trajectory = windowed.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(6))
+    assert trajectory.states.shape == (2, 2, 16, 8, 8)
+    # The first step is the ODE's: the window's first state is the Euler step from the initial noise.
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn((2, 16, 8, 8), generator=generator)
+    with torch.no_grad():
+        v = windowed.velocity(x, 0, trajectory.conditioning)
+    torch.testing.assert_close(trajectory.states[:, 0], x + (windowed.sigmas[1] - windowed.sigmas[0]) * v,
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(trajectory.states[:, 1], trajectory.actions[:, 0])
+    # The images come from an ODE step after the window: recomputing it from the last action gives them.
+    with torch.no_grad():
+        last = trajectory.actions[:, -1]
+        final = ode_step(windowed.velocity(last, 3, trajectory.conditioning), last, windowed.sigmas[3], windowed.sigmas[4])
+    torch.testing.assert_close(windowed.decode(final), trajectory.outputs, atol=1e-5, rtol=0)
+
+
+def test_k1_and_exact_kl_equal_torch_distributions_against_a_separate_base(tiny_sd3_path):
+    policy = make_policy(tiny_sd3_path, sde="flow_sde", sde_window=(0, 3))
+    perturb_lora(policy, scale=0.1)
+    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(2), with_kl=True)
+    base = load_pipeline(tiny_sd3_path).transformer
+    embeds, pooled = policy._unpack(trajectory.conditioning)
+    negative, negative_pooled = policy.pipeline.encode_prompt([""] * 3, None, None, do_classifier_free_guidance=False,
+                                                              max_sequence_length=256)[::2]
+    sampled, exact = [], []
+    with torch.no_grad():
+        _, kl = policy.log_prob(trajectory, range(policy.num_actions), with_kl=True)
+        for step in range(policy.num_actions):
+            state, action = trajectory.states[:, step], trajectory.actions[:, step]
+            t = policy.timesteps[step].expand(6)
+            means = []
+            for transformer in (policy.transformer, base):
+                out = transformer(hidden_states=torch.cat([state, state]), timestep=t,
+                                  encoder_hidden_states=torch.cat([negative, embeds]),
+                                  pooled_projections=torch.cat([negative_pooled, pooled])).sample
+                u, c = out.chunk(2)
+                means.append(flow_sde_step(u + GUIDANCE * (c - u), state, policy.sigmas[step], policy.sigmas[step + 1],
+                                           0.7))
+            (mean, std), (mean_ref, _) = means
+            pi, pi_ref = torch.distributions.Normal(mean, std), torch.distributions.Normal(mean_ref, std)
+            sampled.append((pi.log_prob(action) - pi_ref.log_prob(action)).flatten(1).mean(1))
+            exact.append(torch.distributions.kl_divergence(pi, pi_ref).flatten(1).mean(1))
+    sampled, exact = torch.stack(sampled, dim=1), torch.stack(exact, dim=1)
+    assert exact.min() > 0
+    torch.testing.assert_close(trajectory.kl, sampled, rtol=0, atol=2e-5)
+    torch.testing.assert_close(kl, exact, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(trajectory.kl, exact, rtol=1e-2, atol=0)
+
+
+def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_ode_images(tiny_sd3_path, tmp_path):
+    policy = make_policy(tiny_sd3_path, sde="ode")
+    perturb_lora(policy, scale=0.2)
+    policy.save_lora(tmp_path)
+    expected = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(5)).outputs
+    fresh = load_pipeline(tiny_sd3_path)
+    fresh.load_lora_weights(tmp_path)
+    images = pipeline_images(fresh, PROMPTS[:2], 5)
+    torch.testing.assert_close(images, expected, atol=tolerance(fresh), rtol=0)
+    base = pipeline_images(load_pipeline(tiny_sd3_path), PROMPTS[:2], 5)
+    assert (base - expected).abs().max() > 1e-3  # the LoRA weights changed the samples
+
+    target = make_policy(tiny_sd3_path, sde="ode")
+    target.load_lora(tmp_path)
+    for a, b in zip(policy.trainable_parameters(), target.trainable_parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_lora_sits_on_the_joint_attention_projections(tiny_sd3_path):
+    policy = make_policy(tiny_sd3_path)
+    names = [n for n, p in policy.transformer.named_parameters() if p.requires_grad]
+    sites = {n.split(".lora_")[0].split(".", 2)[-1] for n in names}
+    assert sites == {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out"}, sites
+    policy.log_prob(policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(0)), range(1, 2))[0].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
+
+
+def test_one_rebel_epoch_trains_and_writes_metrics(tiny_sd3_path, tmp_path):
+    from diffusers import StableDiffusion3Pipeline as Pipeline
+
+    from rebel_diffusion.trainer import train
+    from test_trainer import read_metrics, tiny_config
+
+    config = tiny_config(tiny_sd3_path, tmp_path, policy="flow_match", num_epochs=1, kl_coef=0.01, **{
+        "model.num_steps": STEPS, "model.guidance_scale": GUIDANCE, "sample.sde_window": (1, 2)})
+    run_dir = train(config)
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [0] and math.isfinite(metrics[0]["loss"])
+    assert metrics[0]["reward_queries"] == 8 and metrics[0]["optimizer_steps"] == 2
+    checkpoint = run_dir / "checkpoints" / "epoch_0001"
+    assert "StableDiffusion3Pipeline" in (checkpoint / "README.md").read_text()
+    pipeline = Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+    pipeline.load_lora_weights(checkpoint)
+    assert any("lora" in n for n, _ in pipeline.transformer.named_parameters())
+    assert json.loads((run_dir / "config.json").read_text())["sample"]["sde_window"] == [1, 2]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sample.noise_level": -0.1}, "sample.noise_level must be positive for sample.sde='flow_sde', got -0.1"),
+    ({"sample.sde": "cps", "sample.noise_level": 1.0}, "sample.noise_level must be below 1 for sample.sde='cps'"),
+    ({"sample.sde_window": (3, 2)}, "sample.sde_window (3, 2) is outside the 4 stochastic steps"),
+    ({"sample.sde": "cps", "sample.sde_window": (0, 4)}, "sample.sde_window (0, 4) is outside the 3 stochastic steps"),
+    ({"sample.sde_window": (1,)}, "sample.sde_window must be () or (first step, count)"),
+    ({"sample.sde": "sde"}, "sample.sde must be one of ['ode', 'flow_sde', 'cps']"),
+    ({"sample.sde": "ode"}, "sample.sde='ode' is deterministic"),
+])
+def test_bad_flow_options_are_one_line_before_loading(tiny_sd3_path, tmp_path, overrides, message):
+    from rebel_diffusion.trainer import ConfigError, validate_config
+    from test_trainer import tiny_config
+
+    config = tiny_config(tiny_sd3_path, tmp_path, policy="flow_match", **{"model.num_steps": STEPS, **overrides})
+    with pytest.raises(ConfigError) as error:
+        validate_config(config)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_pipeline_of_another_family_and_flow_keys_on_lcm_are_one_line(tiny_sd3_path, tiny_lcm_path, tmp_path):
+    from rebel_diffusion.trainer import ConfigError, validate_config
+    from test_trainer import tiny_config
+
+    with pytest.raises(ConfigError, match=r"holds a LatentConsistencyModelPipeline, not a StableDiffusion3Pipeline"):
+        validate_config(tiny_config(tiny_lcm_path, tmp_path, policy="flow_match"))
+    with pytest.raises(ConfigError, match=r"sample.sde does not apply to policy 'lcm' \(only to flow_match\)"):
+        validate_config(tiny_config(tiny_lcm_path, tmp_path, **{"sample.sde": "cps"}))
+    with pytest.raises(ValueError, match="holds a LatentConsistencyModelPipeline"):
+        FlowMatchPolicy.from_pretrained(tiny_lcm_path)
+    with pytest.raises(ValueError, match="sample.noise_level"):
+        make_policy(tiny_sd3_path, noise_level=-1.0)
+
+
+def test_the_command_line_parses_the_window_and_exits_2_with_one_line(tiny_sd3_path, tmp_path):
+    from test_train import run_all
+
+    common = ["--config.policy=flow_match", f"--config.model.pretrained={tiny_sd3_path}", "--config.model.num_steps=4"]
+    cases = {
+        "window": (common + ["--config.sample.sde_window=(2,3)"], "sample.sde_window (2, 3) is outside"),
+    }
+    results = run_all({name: args for name, (args, _) in cases.items()}, tmp_path)
+    for name, (_, message) in cases.items():
+        lines = results[name].stderr.strip().splitlines()
+        assert results[name].returncode == 2 and len(lines) == 1 and message in lines[0], (name, results[name].stderr)
+
+
+@pytest.mark.parametrize("name, window", [("rebel", ()), ("rebel", (1, 2)), ("ppo", (1, 2)),
+                                          ("grpo", ()), ("rloo", (2, 2))])
+def test_per_step_gradients_equal_the_full_graph(tiny_sd3_path, name, window):
+    from accelerate import Accelerator
+
+    import rebel_diffusion.trainer as trainer
+    from configs.base import get_config
+    from rebel_diffusion.algorithms import ALGORITHMS
+    from test_trainer import _full_graph_loss, _grads, _zero_grads
+
+    algorithm, config = ALGORITHMS[name], get_config()
+    config.kl_coef = 0.0 if algorithm.kl_in_reward else 0.3  # the KL loss term is part of the gradient checked
+    config.ppo.clip_range = config.grpo.clip_range = config.rloo.clip_range = 0.05
+    config.dpo.beta = 5.0
+    torch.manual_seed(0)
+    policy = make_policy(tiny_sd3_path, sde="flow_sde", sde_window=window)
+    perturb_lora(policy)
+    batch = policy.sample(PROMPTS + PROMPTS[1:2], generator=torch.Generator().manual_seed(4))
+    perturb_lora(policy)  # moved after sampling: the log-ratios are not zero
+    targets = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    _full_graph_loss(policy, algorithm, batch, targets, config).backward()
+    expected = _grads(policy)
+    _zero_grads(policy)
+    if algorithm.pair_loss is not None:
+        stats = trainer.pair_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config)
+    else:
+        stats = trainer.step_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config, 0)
+    assert torch.isfinite(stats["loss"]) and any(g.abs().sum() > 0 for g in expected)
+    # Chunked and full-graph backward add the steps' gradients in other orders. The late flow_sde steps have stds of
+    # ~6e-3, whose 1 / std^2 makes their gradients far larger than the sum where steps cancel: a few elements differ by
+    # up to 2e-5 of the tensor's largest (measured: 3 of 256 at 8.5e-9 against a max of 4e-4). A missing step, a wrong
+    # sign or scale is off by O(1) of the max.
+    for got, want in zip(_grads(policy), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_an_epoch_makes_the_floor_number_of_transformer_calls(tiny_sd3_path, tmp_path, monkeypatch):
+    import rebel_diffusion.trainer as trainer
+    from test_trainer import tiny_config
+
+    calls, make = [], trainer.make_policy
+
+    def counting(*args, **kwargs):
+        policy = make(*args, **kwargs)
+        policy.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append((len(kwargs["hidden_states"]), torch.is_grad_enabled())),
+            with_kwargs=True)
+        return policy
+
+    monkeypatch.setattr(trainer, "make_policy", counting)
+    config = tiny_config(tiny_sd3_path, tmp_path, policy="flow_match", num_epochs=1, **{
+        "grid.num_prompts": 0, "model.num_steps": STEPS, "model.guidance_scale": GUIDANCE, "sample.sde_window": (1, 2)})
+    trainer.train(config)
+    k, cfg, window = 2, 2, 2  # REBEL's pairs; every call carries the unconditional and conditional batch
+    batches, prompts = config.sample.num_batches_per_epoch, config.sample.batch_size
+    micro_batches = batches * prompts // config.train.batch_size
+    # Sampling: every one of the 4 steps, the ODE steps outside the window too, on each batch of k samples per prompt.
+    sampling = [(prompts * k * cfg, False)] * (STEPS * batches)
+    # At kl_coef 0 the logged KL is estimated on kl_log_samples trajectories: policy and base at each window step.
+    kl_logging = [(config.kl_log_samples * cfg, False)] * (2 * window)
+    # Training: one forward (and backward) per window step of each micro-batch, not per step of the chain.
+    training = [(config.train.batch_size * k * cfg, True)] * (window * micro_batches)
+    assert calls == sampling + kl_logging + training
+
+
+def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(tiny_sd3_path):
+    policy = make_policy(tiny_sd3_path, sde="cps", noise_level=0.5, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    assert policy.transformer.dtype == torch.bfloat16 and policy.vae.dtype == torch.bfloat16
+    assert not policy.merge_for_sampling  # a fp32 LoRA merged into bf16 weights would round W + delta
+    trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(0))
+    assert trajectory.log_probs.dtype == torch.float32 and torch.isfinite(trajectory.log_probs).all()
+    recomputed, _ = policy.log_prob(trajectory, range(0, 1))
+    torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, :1], atol=1e-5, rtol=0)
