@@ -3,6 +3,8 @@ processes on a CPU really run as several (plain accelerate launch starts one the
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -35,6 +37,7 @@ def test_bad_input_under_the_launcher_is_one_line_and_exit_2(tmp_path):
         assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow  # two processes launched: about a minute
 def test_two_processes_on_a_cpu_are_two_processes(tmp_path):
     script = tmp_path / "world.py"
     script.write_text("import os, pathlib, sys\n"
@@ -47,6 +50,7 @@ def test_two_processes_on_a_cpu_are_two_processes(tmp_path):
     assert len(lines) == 1 and "2 processes on the CPU" in lines[0], result.stderr[-2000:]
 
 
+@pytest.mark.slow  # two processes launched: about a minute
 def test_plain_accelerate_launch_running_one_of_two_processes_says_so(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", *OPTIONS, "train.py", "--config",

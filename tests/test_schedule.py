@@ -63,6 +63,7 @@ def test_a_run_takes_each_optimizer_step_at_the_formula_s_lr(tmp_path, monkeypat
     assert [m["lr"] for m in metrics] == pytest.approx([linear(2), linear(4), linear(6)], abs=1e-12)
 
 
+@pytest.mark.slow  # two processes launched: about a minute
 def test_a_one_process_checkpoint_resumed_on_two_processes_continues_the_curve(tmp_path):
     """Old behaviour: the schedule counted num_processes scheduler calls per optimizer step, so two processes raced
     through the rest of the curve (lr after epoch 1 at the warmup's end instead of 2/3 of it)."""
