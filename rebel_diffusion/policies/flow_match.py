@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from rebel_diffusion.grids import save_image_grid
 from rebel_diffusion.policies import same_prompt_pairs
-from rebel_diffusion.policies.lcm import _adapters_disabled, gaussian_kl, gaussian_log_prob, lora_sites, merged_lora
+from rebel_diffusion.policies.lcm import (_adapters_disabled, freeze_and_add_lora, gaussian_kl, gaussian_log_prob,
+                                         merged_lora)
 from rebel_diffusion.trajectory import Trajectory
 
 # The joint attention's image and text projections (Flow-GRPO's targets for SD3.5).
@@ -227,19 +228,12 @@ class FlowMatchPolicy:
         self.dtype = dtype
         self.vae, self.transformer = pipeline.vae, pipeline.transformer
         encoders = [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
-        for module in [self.vae, self.transformer, *(e for e in encoders if e is not None)]:
-            module.requires_grad_(False)
-            module.to(self.device)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
-        self.transformer.add_adapter(
-            LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets))
+        self.lora_sites = freeze_and_add_lora(
+            self.transformer, [self.vae, *(e for e in encoders if e is not None)], self.device, dtype,
+            LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets)),
+            gradient_checkpointing,
         )
-        cast_training_params(self.transformer, dtype=torch.float32)
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
         self.merge_for_sampling = dtype == torch.float32  # as in LCMPolicy: merging rounds W + delta to half precision
-        self.lora_sites = lora_sites(self.transformer)
         self.model = self.transformer  # the trainer may swap in a wrapper; every trained call goes through it
 
         scheduler = pipeline.scheduler

@@ -114,6 +114,22 @@ def lora_sites(unet: torch.nn.Module) -> list[LoraSite]:
     return sites
 
 
+def freeze_and_add_lora(network: torch.nn.Module, frozen: list[torch.nn.Module], device: torch.device,
+                        dtype: torch.dtype, lora_config: LoraConfig, gradient_checkpointing: bool) -> list[LoraSite]:
+    """Freeze `network` and the `frozen` modules in `dtype` on `device`, add a fp32 LoRA adapter to `network` and return
+    its sites. diffusers checkpoints a block only when grad is enabled, so sampling (no_grad) runs as before."""
+    for module in [network, *frozen]:
+        module.requires_grad_(False)
+        module.to(device)
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+    network.add_adapter(lora_config)
+    cast_training_params(network, dtype=torch.float32)
+    if gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    return lora_sites(network)
+
+
 @contextlib.contextmanager
 def merged_lora(sites: list[LoraSite]) -> Iterator[None]:
     """Inside the block each LoRA layer is replaced by its base layer with weight `W + scaling * B @ A`.
@@ -220,22 +236,14 @@ class LCMPolicy:
         self.device = torch.device(device) if device is not None else pipeline.device
         self.dtype = dtype
         self.vae, self.text_encoder = pipeline.vae, pipeline.text_encoder
-        for module in (self.vae, self.text_encoder, pipeline.unet):
-            module.requires_grad_(False)
-            module.to(self.device)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
-        pipeline.unet.add_adapter(
-            LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets))
+        self.lora_sites = freeze_and_add_lora(
+            pipeline.unet, [self.vae, self.text_encoder], self.device, dtype,
+            LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets)),
+            gradient_checkpointing,
         )
-        cast_training_params(pipeline.unet, dtype=torch.float32)
-        if gradient_checkpointing:
-            # diffusers checkpoints a block only when grad is enabled: sampling (no_grad) runs as before.
-            pipeline.unet.enable_gradient_checkpointing()
         # A fp32 LoRA merged into half-precision weights rounds W + delta to bf16/fp16, which the unmerged forward
         # never does: sampled and recomputed log-probs would then disagree. Merge only where that rounding is fp32's.
         self.merge_for_sampling = dtype == torch.float32
-        self.lora_sites = lora_sites(pipeline.unet)
         # The trainer may swap in a DistributedDataParallel wrapper; every trained call goes through this attribute.
         self.model = pipeline.unet
 
