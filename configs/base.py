@@ -95,6 +95,11 @@ def get_config() -> ConfigDict:
     config.rebel = ConfigDict()
     config.rebel.eta = 1.0
     config.rebel.target = "advantages"  # regress onto "advantages" (per prompt), "batch_zscore" or raw "rewards"
+    # Where y' of each pair comes from (the paper's mu): "policy" (pi_t), "base" (the base model, adapter disabled),
+    # "offline" (responses of rebel.offline_data; text policies) or "mix" (each pair draws its source from rebel.mix).
+    config.rebel.mu = "policy"
+    config.rebel.mix = ConfigDict({"policy": 0.5, "base": 0.0, "offline": 0.5})
+    config.rebel.offline_data = ""  # a .jsonl of prompt/response, or a dataset "hub-id:split:prompt_col:response_col"
 
     config.ppo = ConfigDict()
     config.ppo.clip_range = 1e-4

@@ -51,7 +51,8 @@ RUN_KEYS = frozenset({
     "sample.batch_size", "sample.num_batches_per_epoch", "sample.sde", "sample.noise_level", "sample.sde_window",
     "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm",
     "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
-    "rebel.eta", "rebel.target", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
+    "rebel.eta", "rebel.target", "rebel.mu", "rebel.mix.policy", "rebel.mix.base", "rebel.mix.offline",
+    "rebel.offline_data", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
     "grpo.k", "grpo.clip_range", "grpo.adv_clip_max", "grpo.eps", "dpo.beta",
     "stat_tracker.buffer_size", "stat_tracker.min_count",
 })
