@@ -311,7 +311,7 @@ def test_urls_in_reward_specs():
     config = get_config()
     config.reward.timeout_s = 5.0
     with pytest.raises(ValueError, match=r"reward.timeout_s is set, but reward 'jpeg_compressibility' takes no such "
-                                         r"option \(an option of http://host:port\)"):
+                                         r"option \(an option of judge, http://host:port\)"):
         check_config_keys(config)
     config.reward.name = "http://127.0.0.1:8000"
     check_config_keys(config)  # the server's client takes it
