@@ -64,6 +64,21 @@ def get_config() -> ConfigDict:
     config.reward.reward_model_path = ""  # reward_model: a local folder or a Hub id (owner/name)
     config.reward.reward_batch_size = 8  # reward_model: texts per reward-model forward
     config.reward.missing_eos_penalty = config_dict.placeholder(float)  # text: the reward of a response without EOS
+    # reward.name = "judge": a model on an OpenAI-compatible server (vLLM, sglang, llama.cpp) scores each output, asked
+    # with reward.max_concurrency, reward.timeout_s and reward.retries as a reward server is.
+    config.reward.judge = ConfigDict()
+    config.reward.judge.base_url = ""  # http://host:port/v1; GET /models must list the model before sampling starts
+    config.reward.judge.model = ""
+    config.reward.judge.template = ""  # the user message: {prompt}, and {response} for text (an image is attached)
+    config.reward.judge.system = ""  # a system message, when not empty
+    config.reward.judge.score = "number"  # "number" (read from the reply) or "yes_prob" (P(yes) from the log-probs)
+    config.reward.judge.pattern = ""  # number: a regex whose first group (or match) is the score; "" = the first number
+    config.reward.judge.score_min = config_dict.placeholder(float)  # number: with score_max, mapped to [0, 1]
+    config.reward.judge.score_max = config_dict.placeholder(float)
+    config.reward.judge.max_tokens = 16  # of the reply (yes_prob asks for one token)
+    config.reward.judge.temperature = 0.0
+    config.reward.judge.top_logprobs = 20  # yes_prob: top tokens searched for "yes" and "no"
+    config.reward.judge.api_key_env = ""  # the environment variable holding an API key (the key is never in a config)
 
     config.sample = ConfigDict()
     config.sample.batch_size = 8  # prompts per sampling batch per process; each is sampled k times (a group)

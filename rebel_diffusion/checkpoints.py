@@ -48,6 +48,9 @@ RUN_KEYS = frozenset({
     "reward.reward_model_path",
     "lora.rank", "lora.alpha", "lora.init", "lora.targets",
     "reward.name", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
+    "reward.judge.model", "reward.judge.template", "reward.judge.system", "reward.judge.score", "reward.judge.pattern",
+    "reward.judge.score_min", "reward.judge.score_max", "reward.judge.max_tokens", "reward.judge.temperature",
+    "reward.judge.top_logprobs",
     "sample.batch_size", "sample.num_batches_per_epoch", "sample.sde", "sample.noise_level", "sample.sde_window",
     "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm",
     "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
@@ -63,6 +66,8 @@ RESUMABLE_KEYS = frozenset({
     "num_epochs", "logdir", "run_name", "resume_from", "save_freq", "num_checkpoint_limit", "log_with",
     "collective_timeout_s", "kl_log_samples",
     "reward.batch_size", "reward.reward_batch_size", "reward.max_concurrency", "reward.timeout_s", "reward.retries",
+    # Where the judge runs and the name of its key's variable: the same model elsewhere scores the same.
+    "reward.judge.base_url", "reward.judge.api_key_env",
     "sample.decode_batch_size", "sample.overlap_reward",
     "train.learning_rate", "train.lr_schedule", "train.lr_warmup_steps", "train.gradient_checkpointing",
     "grid.num_prompts", "grid.num_seeds", "grid.seed",

@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -47,17 +47,17 @@ class _Transient(Exception):
     """A failure worth retrying (no answer, a 5xx); its message is the line to report when the retries run out."""
 
 
-def check_url(url: str) -> None:
-    """`ValueError` (one line) unless `url` is `http(s)://host[:port][/path]`."""
+def check_url(url: str, what: str = "reward server URL", example: str = "http://host:port") -> None:
+    """`ValueError` (one line, naming `what`) unless `url` is `http(s)://host[:port][/path]`."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in 0-65535
     except ValueError as e:
-        raise ValueError(f"reward server URL {url!r} is not valid ({e})") from None
+        raise ValueError(f"{what} {url!r} is not valid ({e})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"reward server URL {url!r} is not valid; write http://host:port")
+        raise ValueError(f"{what} {url!r} is not valid; write {example}")
     if parts.query or parts.fragment:
-        raise ValueError(f"reward server URL {url!r} must not have a query or fragment")
+        raise ValueError(f"{what} {url!r} must not have a query or fragment")
 
 
 def encode_images(images: torch.Tensor) -> dict[str, Any]:
@@ -87,31 +87,24 @@ def _short(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-class RemoteReward:
-    """`reward_fn(outputs, prompts, generator=None) -> (B,)` float32, scored by the server at `url`.
+class JsonClient:
+    """JSON over HTTP to one server, shared by the reward-server client and the judges (`rewards.judge`).
 
-    Attributes: `url`; `served_reward` and `served_kind`, what the server's `/health` said it serves.
+    Each thread keeps its own `requests.Session` (a keep-alive connection pool); `map` runs at most `max_concurrency`
+    calls at once. A request that gets no answer within `timeout_s` or an HTTP 5xx or 429 is retried `retries` times
+    after 0.5 s, 1 s, 2 s, ... (at most 10 s); every failure is a `RewardServerError` line beginning with `name`.
     """
 
-    def __init__(self, url: str, batch_size: int = 32, max_concurrency: int = 4, timeout_s: float = 60.0,
-                 retries: int = 3) -> None:
-        check_url(url)
-        if batch_size < 1 or max_concurrency < 1:
-            raise RewardSetupError(f"reward server {url}: batch_size and max_concurrency must be at least 1")
+    def __init__(self, url: str, name: str, max_concurrency: int = 4, timeout_s: float = 60.0, retries: int = 3,
+                 headers: dict[str, str] | None = None) -> None:
+        if max_concurrency < 1:
+            raise RewardSetupError(f"{name}: max_concurrency must be at least 1")
         if not timeout_s > 0 or retries < 0:
-            raise RewardSetupError(f"reward server {url}: timeout_s must be positive and retries non-negative")
-        self.url = url.rstrip("/")
-        self.batch_size, self.max_concurrency = int(batch_size), int(max_concurrency)
-        self.timeout_s, self.retries = float(timeout_s), int(retries)
-        self._local = threading.local()  # one requests.Session (a keep-alive connection pool) per thread
-        try:
-            health = self._request("GET", "/health")
-        except RewardServerError as e:
-            raise RewardSetupError(str(e)) from None
-        if not isinstance(health, dict) or health.get("kind") not in ("image", "text", "any"):
-            raise RewardSetupError(f"reward server {self.url}: GET /health answered {_short(json.dumps(health))}; "
-                                   'expected {"reward": name, "kind": "image" | "text" | "any"}')
-        self.served_reward, self.served_kind = str(health.get("reward", "")), health["kind"]
+            raise RewardSetupError(f"{name}: timeout_s must be positive and retries non-negative")
+        self.url, self.name = url.rstrip("/"), name
+        self.max_concurrency, self.timeout_s, self.retries = int(max_concurrency), float(timeout_s), int(retries)
+        self._headers = dict(headers or {})
+        self._local = threading.local()
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
@@ -120,10 +113,11 @@ class RemoteReward:
 
     def _attempt(self, method: str, path: str, body: bytes | None) -> Any:
         """One request: the decoded JSON answer, `_Transient` for what a retry may cure, `RewardServerError` else."""
-        where = f"reward server {self.url}: {method} {path}"
+        where = f"{self.name}: {method} {path}"
+        headers = {**self._headers, **({"Content-Type": "application/json"} if body else {})}
         try:
             response = self._session().request(method, self.url + path, data=body, timeout=self.timeout_s,
-                                               headers={"Content-Type": "application/json"} if body else None)
+                                               headers=headers or None)
         except requests.Timeout:
             raise _Transient(f"{where} timed out (no answer within timeout_s = {self.timeout_s:g} s)") from None
         except requests.ConnectionError as e:
@@ -131,21 +125,17 @@ class RemoteReward:
             reason = getattr(reason, "reason", reason)
             raise _Transient(f"{where} got no answer ({_short(str(reason), 100)})") from None
         if response.status_code != 200:
-            try:
-                detail = str(response.json().get("error", "")) or response.reason
-            except (ValueError, AttributeError):
-                detail = response.text or response.reason
-            line = f"{where} answered HTTP {response.status_code}: {_short(detail)}"
+            line = f"{where} answered HTTP {response.status_code}: {_short(_error_detail(response))}"
             if response.status_code in RETRIED_STATUS:
                 raise _Transient(line)
             raise RewardServerError(line)
         try:
-            return json.loads(response.text)  # NaN and Infinity parse, to be named below
+            return json.loads(response.text)  # NaN and Infinity parse, to be named by the caller
         except ValueError as e:
             raise RewardServerError(f"{where} answered something that is not JSON ({_short(str(e), 60)}): "
                                     f"{_short(response.text, 60)!r}") from None
 
-    def _request(self, method: str, path: str, body: bytes | None = None) -> Any:
+    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
         """`_attempt` with up to `retries` retries of transient failures, waiting 0.5 s, 1 s, 2 s, ... between."""
         for attempt in range(self.retries + 1):
             try:
@@ -157,6 +147,52 @@ class RemoteReward:
                 time.sleep(min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt))
         raise AssertionError("unreachable")
 
+    def map(self, fn: Callable[[Any], Any], items: list) -> list:
+        """`[fn(item) for item in items]`, at most `max_concurrency` at once (in this thread when there is one)."""
+        if len(items) == 1:
+            return [fn(items[0])]
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+
+def _error_detail(response: requests.Response) -> str:
+    """What an error answer says: `{"error": "..."}` (this protocol), `{"error": {"message": ...}}` (OpenAI) or
+    `{"message": ...}` (vLLM's error object), else its text or the status's reason."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return response.text or response.reason
+    if not isinstance(answer, dict):
+        return response.text or response.reason
+    error = answer.get("error")
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error or answer.get("message") or "") or response.reason
+
+
+class RemoteReward(JsonClient):
+    """`reward_fn(outputs, prompts, generator=None) -> (B,)` float32, scored by the server at `url`.
+
+    Attributes: `url`; `served_reward` and `served_kind`, what the server's `/health` said it serves.
+    """
+
+    def __init__(self, url: str, batch_size: int = 32, max_concurrency: int = 4, timeout_s: float = 60.0,
+                 retries: int = 3) -> None:
+        check_url(url)
+        name = f"reward server {url.rstrip('/')}"
+        if batch_size < 1:
+            raise RewardSetupError(f"{name}: batch_size must be at least 1")
+        super().__init__(url, name, max_concurrency=max_concurrency, timeout_s=timeout_s, retries=retries)
+        self.batch_size = int(batch_size)
+        try:
+            health = self.request("GET", "/health")
+        except RewardServerError as e:
+            raise RewardSetupError(str(e)) from None
+        if not isinstance(health, dict) or health.get("kind") not in ("image", "text", "any"):
+            raise RewardSetupError(f"reward server {self.url}: GET /health answered {_short(json.dumps(health))}; "
+                                   'expected {"reward": name, "kind": "image" | "text" | "any"}')
+        self.served_reward, self.served_kind = str(health.get("reward", "")), health["kind"]
+
     def _score_chunk(self, outputs: Any, prompts: list[str], seed: int | None) -> list[float]:
         request: dict[str, Any] = {"prompts": list(prompts)}
         if isinstance(outputs, torch.Tensor):
@@ -165,7 +201,7 @@ class RemoteReward:
             request["responses"] = [str(o) for o in outputs]
         if seed is not None:
             request["seed"] = seed
-        answer = self._request("POST", "/score", json.dumps(request).encode())
+        answer = self.request("POST", "/score", json.dumps(request).encode())
         where = f"reward server {self.url}: POST /score"
         scores = answer.get("scores") if isinstance(answer, dict) else None
         if not isinstance(scores, list):
@@ -185,11 +221,7 @@ class RemoteReward:
         starts = range(0, len(prompts), self.batch_size)
         chunks = [(outputs[s : s + self.batch_size], prompts[s : s + self.batch_size],
                    None if base is None else (base + i) % 2**63) for i, s in enumerate(starts)]
-        if len(chunks) == 1:
-            scores = [self._score_chunk(*chunks[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks))) as pool:
-                scores = list(pool.map(lambda chunk: self._score_chunk(*chunk), chunks))
+        scores = self.map(lambda chunk: self._score_chunk(*chunk), chunks)
         return torch.tensor([s for chunk in scores for s in chunk], dtype=torch.float32)
 
 
