@@ -107,6 +107,10 @@ def get_config() -> ConfigDict:
     config.train.adam_weight_decay = 1e-4
     config.train.adam_epsilon = 1e-8
 
+    # A pairwise preference (rebel_diffusion.rewards.preference): what algorithm "rebel_preference" learns from.
+    config.preference = ConfigDict()
+    config.preference.name = ""  # a registered preference or a "module:function" path
+
     config.rebel = ConfigDict()
     config.rebel.eta = 1.0
     config.rebel.target = "advantages"  # regress onto "advantages" (per prompt), "batch_zscore" or raw "rewards"

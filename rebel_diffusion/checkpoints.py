@@ -55,7 +55,7 @@ RUN_KEYS = frozenset({
     "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm",
     "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
     "rebel.eta", "rebel.target", "rebel.mu", "rebel.mix.policy", "rebel.mix.base", "rebel.mix.offline",
-    "rebel.offline_data", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
+    "rebel.offline_data", "preference.name", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
     "grpo.k", "grpo.clip_range", "grpo.adv_clip_max", "grpo.eps", "dpo.beta",
     "stat_tracker.buffer_size", "stat_tracker.min_count",
 })
@@ -73,7 +73,8 @@ RESUMABLE_KEYS = frozenset({
     "grid.num_prompts", "grid.num_seeds", "grid.seed",
     "eval.prompt_file", "eval.every", "eval.num_seeds", "eval.seed", "eval.rewards",
 })
-ALGORITHM_SECTIONS = {"rebel": "rebel", "ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "online_dpo": "dpo"}
+ALGORITHM_SECTIONS = {"rebel": "rebel", "ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "online_dpo": "dpo",
+                      "rebel_preference": "rebel"}
 
 
 class TrainingProgress:
