@@ -39,20 +39,26 @@ def finished(run_dir: Path, num_epochs: int) -> bool:
     return len(metrics.read_text().splitlines()) == num_epochs and num_epochs in done
 
 
+def train_run(config: str, seed: int, run_dir: Path, extra: list[str]) -> int:
+    """Train one run of `config` at `seed` into `run_dir` (a fresh one if an unfinished folder is in the way), on one
+    thread and without sample grids; returns its exit code, printing the last error line when it failed."""
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    command = [sys.executable, "train.py", "--config", config, f"--config.seed={seed}",
+               f"--config.logdir={run_dir.parent}", f"--config.run_name={run_dir.name}", "--config.log_with=",
+               "--config.grid.num_prompts=0", *extra]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode:
+        print(f"{run_dir.name} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+    return result.returncode
+
+
 def run_one(algorithm: str, seed: int, logdir: Path, num_epochs: int) -> tuple[str, int, int]:
-    """Train one quickstart run (a fresh one if an unfinished folder is in the way) and return its exit code."""
+    """Train one quickstart run unless it already finished, and return its exit code."""
     run_dir = logdir / f"{algorithm}_seed{seed}"
     if finished(run_dir, num_epochs):
         return algorithm, seed, 0
-    if run_dir.exists():
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-    command = [sys.executable, "train.py", "--config", f"configs/quickstart_{algorithm}.py", f"--config.seed={seed}",
-               f"--config.logdir={logdir}", f"--config.run_name={run_dir.name}", "--config.log_with=",
-               "--config.grid.num_prompts=0"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if result.returncode:
-        print(f"{algorithm} seed {seed} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-    return algorithm, seed, result.returncode
+    return algorithm, seed, train_run(f"configs/quickstart_{algorithm}.py", seed, run_dir, [])
 
 
 EVAL_METRICS = ("eval_large_shape", "eval_shape_accuracy", "eval_shape_fidelity", "eval_diversity")
