@@ -112,6 +112,20 @@ def gains_table(logdir: Path, algorithms: list[str], seeds: range) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *lines])
 
 
+def held_out_table(logdir: Path, arms: list[str], seeds: range, metric: str, label: str) -> str:
+    """Per arm (runs `<arm>_seed<s>` in `logdir`), over seeds: the held-out `metric` before training, after it, and
+    the change, each with its 95% t-interval; `label` heads the arm column."""
+    lines = [f"| {label} | seeds | held-out before | after [95% CI] | change [95% CI] |", "| --- | --- | --- | --- | --- |"]
+    for arm in arms:
+        evals = [_read(logdir / f"{arm}_seed{s}" / "eval.jsonl") for s in seeds]
+        before, after = np.asarray([e[0][metric] for e in evals]), np.asarray([e[-1][metric] for e in evals])
+        mean, low, high = mean_ci(after)
+        change, c_low, c_high = mean_ci(after - before)
+        lines.append(f"| {arm} | {len(evals)} | {before.mean():.3f} | {mean:.3f} [{low:.3f}, {high:.3f}] | "
+                     f"{change:+.3f} [{c_low:+.3f}, {c_high:+.3f}] |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1 (with --first-seed, a part of them)")

@@ -19,12 +19,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from figure3 import finished, mean_ci, train_run  # noqa: E402
+from figure3 import finished, held_out_table, train_run  # noqa: E402
 
 from rebel_diffusion.compare import main as compare_main  # noqa: E402
 
@@ -39,21 +37,6 @@ def write_sums(path: Path) -> None:
 
     prompts = read_prompt_source(REPO / get_config().prompt_file)
     path.write_text("".join(json.dumps({"prompt": p, "response": str(addition_target(p))}) + "\n" for p in prompts))
-
-
-def compare_table(logdir: Path, arms: list[str], seeds: range) -> str:
-    """Per arm, over seeds: the held-out success rate before training, after it, and the change, each with its 95%
-    t-interval."""
-    lines = ["| rebel.mu | seeds | held-out before | after [95% CI] | change [95% CI] |", "| --- | --- | --- | --- | --- |"]
-    for arm in arms:
-        evals = [[json.loads(line) for line in (logdir / f"{arm}_seed{s}" / "eval.jsonl").read_text().splitlines()]
-                 for s in seeds]
-        before, after = np.asarray([e[0][METRIC] for e in evals]), np.asarray([e[-1][METRIC] for e in evals])
-        mean, low, high = mean_ci(after)
-        change, c_low, c_high = mean_ci(after - before)
-        lines.append(f"| {arm} | {len(evals)} | {before.mean():.3f} | {mean:.3f} [{low:.3f}, {high:.3f}] | "
-                     f"{change:+.3f} [{c_low:+.3f}, {c_high:+.3f}] |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     groups = [f"{arm}={logdir}/{arm}_seed*" for arm in arms]
     code = compare_main([*groups, "--metric", METRIC, "--x", "reward_queries", "--out", str(args.out)])
-    table = compare_table(logdir, list(arms), range(args.seeds))
+    table = held_out_table(logdir, list(arms), range(args.seeds), METRIC, "rebel.mu")
     (args.out / "compare.md").write_text(table + "\n")
     print(table)
     return code
