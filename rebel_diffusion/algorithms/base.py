@@ -53,6 +53,8 @@ class Algorithm:
         step_loss / pair_loss: exactly one is set (see the module docstring).
         step_reduction: how a step loss becomes a sample's loss: "mean" over its real steps or "sum".
         check: `config -> None`, raises `ValueError` naming the key of a bad setting; runs before any model loads.
+        scale_free: `config -> bool`, whether the targets stay the same when a reward is multiplied by a positive
+            constant (they normalise its scale); `reward.aggregate="advantage"` needs it (`aggregate.check_aggregate`).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Algorithm:
     pair_loss: PairLoss | None = None
     step_reduction: str = "mean"
     check: Callable[[ConfigDict], None] = lambda config: None
+    scale_free: Callable[[ConfigDict], bool] = lambda config: False
 
     def __post_init__(self) -> None:
         if (self.step_loss is None) == (self.pair_loss is None):
