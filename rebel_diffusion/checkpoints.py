@@ -47,7 +47,7 @@ RUN_KEYS = frozenset({
     "model.temperature", "model.top_k", "model.top_p", "model.chat_template", "model.kl_estimator",
     "reward.reward_model_path",
     "lora.rank", "lora.alpha", "lora.init", "lora.targets",
-    "reward.name", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
+    "reward.name", "reward.aggregate", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
     "sample.batch_size", "sample.num_batches_per_epoch", "sample.sde", "sample.noise_level", "sample.sde_window",
     "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm",
     "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
@@ -209,6 +209,7 @@ def check_resumable(config: ConfigDict, checkpoint: Path) -> list[str]:
         raise ConfigError(f"num_epochs={config.num_epochs} is below the {done} epochs checkpoint {checkpoint} has done")
     if old is None:
         return []
+    old.setdefault("reward.aggregate", "sum")  # what a checkpoint from before the key existed did
     sections = set(ALGORITHM_SECTIONS.values())
     kept = {ALGORITHM_SECTIONS.get(old.get("algorithm")), ALGORITHM_SECTIONS.get(new["algorithm"])}
     defining = {key for key in new if key not in RESUMABLE_KEYS

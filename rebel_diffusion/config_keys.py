@@ -24,6 +24,8 @@ from rebel_diffusion.policies import POLICIES, policy_class
 from rebel_diffusion.rewards import reward_options, rewards_taking
 
 _MISSING = object()
+# The `reward.*` keys the trainer itself reads: no reward factory is given them.
+TRAINER_REWARD_KEYS = frozenset({"name", "aggregate"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -77,7 +79,7 @@ def check_config_keys(config: ConfigDict, eval_rewards: list[str] = ()) -> None:
     taken_by_run = frozenset().union(*taken)
     for key in sorted(k for k in flat if k.startswith("reward.")):
         option = key.removeprefix("reward.")
-        if option == "name" or key in policy_owned or option in taken_by_run or not _is_set(flat, defaults, key):
+        if option in TRAINER_REWARD_KEYS or key in policy_owned or option in taken_by_run or not _is_set(flat, defaults, key):
             continue
         others = rewards_taking(option)
         hint = f" (an option of {', '.join(others)})" if others else ""
