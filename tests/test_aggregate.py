@@ -20,6 +20,8 @@ import rebel_diffusion.trainer as trainer
 from rebel_diffusion.trainer import train
 from rebel_diffusion.trajectory import Trajectory
 
+from processes import launch_two_processes, write_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -207,3 +209,38 @@ def test_a_quickstart_with_advantage_logs_shares_and_resumes_to_the_uninterrupte
     a = load_file(straight / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_gather_each_component_in_the_rewards_order(tiny_lcm_path, tmp_path):
+    # Rank r's samples are rows r * n ... of the gathered rewards; each gathered component must hold the same rows.
+    (tmp_path / "two_rewards.py").write_text(
+        "def bright(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n"
+        "def red(images, prompts):\n    return 1000 * images[:, 0].mean(dim=(1, 2))\n")
+    script = write_script(tmp_path / "two_ranks.py", f"""
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path)!r})
+        import rebel_diffusion.trainer as trainer
+        from rebel_diffusion.trajectory import Trajectory
+        from test_trainer import tiny_config
+
+        cat, aggregate, seen = Trajectory.cat, trainer.advantage_targets, {{}}
+        def record_samples(batches):
+            samples = cat(batches)
+            seen["rewards"] = samples.rewards
+            return samples
+        def record_components(algorithm, components, *args):
+            seen["components"] = components
+            return aggregate(algorithm, components, *args)
+        Trajectory.cat, trainer.advantage_targets = staticmethod(record_samples), record_components
+        run = trainer.train(tiny_config({str(tiny_lcm_path)!r}, {str(tmp_path)!r}, num_epochs=1, algorithm="grpo",
+                                        **{{"grpo.k": 2, "reward.name": "two_rewards:bright,two_rewards:red",
+                                            "reward.aggregate": "advantage"}}))
+        torch.save(seen, run / f"seen{{trainer.PartialState().process_index}}.pt")
+    """)
+    launch_two_processes(script)
+    seen = [torch.load(tmp_path / "run" / f"seen{rank}.pt", weights_only=False) for rank in (0, 1)]
+    gathered = torch.cat([s["rewards"] for s in seen]).numpy()
+    for s in seen:
+        total = s["components"]["two_rewards:bright"] + s["components"]["two_rewards:red"]
+        np.testing.assert_allclose(total.reshape(-1), gathered, rtol=1e-6)
