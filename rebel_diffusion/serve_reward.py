@@ -13,11 +13,16 @@ says otherwise; it has no authentication, so expose it only on a network you tru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import os
+import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -218,6 +223,34 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
     return 0
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(args: list[str], log: Path, env: dict[str, str] | None = None,
+                        start_timeout_s: float = 60.0) -> Iterator[str]:
+    """`python -m rebel_diffusion.serve_reward --port 0 *args` in a child process, its stderr into `log`: the server's
+    URL while the block runs; the child is stopped after. `RuntimeError` with the end of `log` when it does not say
+    it serves within `start_timeout_s` (a reward that fails to build, a bad flag)."""
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "rebel_diffusion.serve_reward", "--port", "0", *args],
+                                   env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        ready: list[str] = []
+        # The first stdout line says where it listens; read in a thread so that a server that never says it is waited
+        # for at most start_timeout_s.
+        reader = threading.Thread(target=lambda: ready.append(process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=start_timeout_s)
+        if not ready or not ready[0].startswith("serving reward"):
+            raise RuntimeError(f"the reward server did not start: {log.read_text()[-2000:]}")
+        yield ready[0].split()[-1]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 if __name__ == "__main__":
