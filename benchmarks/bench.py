@@ -1,5 +1,6 @@
 """Performance ratios, each measured within one run: the samplers against their libraries, each algorithm's update
-against its floor of UNet passes, update memory against the horizon, and an epoch against its floor.
+against its floor of UNet passes, update memory against the horizon, an epoch against its floor, and an epoch with its
+reward served by another process against in-process.
 
     OMP_NUM_THREADS=1 python benchmarks/bench.py              # tiny LCM + SD-1.5-shaped UNet at 64 px, CPU
     python benchmarks/bench.py --quick                         # the smoke test: tiny models, one round, batch 2

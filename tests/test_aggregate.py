@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ml_collections import ConfigDict
 from safetensors.torch import load_file
 
 from configs import quickstart_rebel
@@ -32,7 +33,7 @@ def zscores(values: list[float], eps: float) -> list[float]:
     return [(v - mean) / (std + eps) for v in values]
 
 
-def config_for(algorithm: str, overrides: dict | None = None) -> object:
+def config_for(algorithm: str, overrides: dict | None = None) -> ConfigDict:
     """The base config with a two-component reward aggregated by advantage, and dotted `overrides`."""
     config = get_config()
     config.algorithm = algorithm
@@ -152,7 +153,7 @@ def test_a_checkpoint_from_before_the_key_resumes_as_sum_only(tmp_path):
         check_resumable(new, tmp_path)
 
 
-def quickstart_advantage(logdir: Path, num_epochs: int, **keys) -> object:
+def quickstart_advantage(logdir: Path, num_epochs: int, **keys) -> ConfigDict:
     config = quickstart_rebel.get_config()
     config.reward.name = "large_shape:1,shape_fidelity:1"
     config.reward.aggregate = "advantage"
@@ -162,7 +163,7 @@ def quickstart_advantage(logdir: Path, num_epochs: int, **keys) -> object:
     config.logdir, config.run_name, config.log_with = str(logdir), "run", ""
     config.num_epochs, config.save_freq = num_epochs, 1
     config.sample.batch_size, config.sample.num_batches_per_epoch, config.train.batch_size = 2, 2, 2
-    config.stat_tracker.min_count = 2  # each prompt's own history from the second epoch on: the resume must restore it
+    config.stat_tracker.min_count = 2  # targets from each prompt's history: the resume must restore every tracker
     config.grid.num_prompts, config.eval.prompt_file = 0, ""
     for key, value in keys.items():
         setattr(config, key, value)
