@@ -52,6 +52,9 @@ def get_config() -> ConfigDict:
 
     config.reward = ConfigDict()
     config.reward.name = "jpeg_compressibility"  # a registered reward, a "module:function" path or a server's URL
+    # A weighted reward's components into targets: "sum" (the algorithm's targets of the weighted total) or "advantage"
+    # (the weighted sum of each component's own targets, each normalised first; rebel_diffusion.algorithms.aggregate).
+    config.reward.aggregate = "sum"
     config.reward.head_path = config_dict.placeholder(str)  # aesthetic: local sac+logos+ava1-l14-linearMSE.pth
     config.reward.clip_pretrained = "openai"  # aesthetic: open_clip tag or a local ViT-L-14 checkpoint
     config.reward.clip_model = "ViT-L-14"  # aesthetic: open_clip model name (768-d image embedding)

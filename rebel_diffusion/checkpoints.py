@@ -47,7 +47,7 @@ RUN_KEYS = frozenset({
     "model.temperature", "model.top_k", "model.top_p", "model.chat_template", "model.kl_estimator",
     "reward.reward_model_path",
     "lora.rank", "lora.alpha", "lora.init", "lora.targets",
-    "reward.name", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
+    "reward.name", "reward.aggregate", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
     "reward.judge.model", "reward.judge.template", "reward.judge.system", "reward.judge.score", "reward.judge.pattern",
     "reward.judge.score_min", "reward.judge.score_max", "reward.judge.max_tokens", "reward.judge.temperature",
     "reward.judge.top_logprobs",
@@ -216,6 +216,7 @@ def check_resumable(config: ConfigDict, checkpoint: Path) -> list[str]:
         raise ConfigError(f"num_epochs={config.num_epochs} is below the {done} epochs checkpoint {checkpoint} has done")
     if old is None:
         return []
+    old.setdefault("reward.aggregate", "sum")  # what a checkpoint from before the key existed did
     sections = set(ALGORITHM_SECTIONS.values())
     kept = {ALGORITHM_SECTIONS.get(old.get("algorithm")), ALGORITHM_SECTIONS.get(new["algorithm"])}
     defining = {key for key in new if key not in RESUMABLE_KEYS

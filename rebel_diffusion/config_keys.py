@@ -25,6 +25,8 @@ from rebel_diffusion.policies import POLICIES, policy_class
 from rebel_diffusion.rewards import reward_options, rewards_taking
 
 _MISSING = object()
+# The `reward.*` keys the trainer itself reads: no reward factory is given them.
+TRAINER_REWARD_KEYS = frozenset({"name", "aggregate"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -79,7 +81,7 @@ def check_config_keys(config: ConfigDict, eval_rewards: list[str] = ()) -> None:
     for key in sorted(k for k in flat if k.startswith("reward.")):
         # A nested key belongs to the option of its section: reward.judge.model is the judge factory's `judge`.
         option = key.removeprefix("reward.").split(".")[0]
-        if option == "name" or key in policy_owned or option in taken_by_run or not _is_set(flat, defaults, key):
+        if option in TRAINER_REWARD_KEYS or key in policy_owned or option in taken_by_run or not _is_set(flat, defaults, key):
             continue
         others = rewards_taking(option)
         hint = f" (an option of {', '.join(others)})" if others else ""

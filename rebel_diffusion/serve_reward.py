@@ -13,11 +13,16 @@ says otherwise; it has no authentication, so expose it only on a network you tru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import os
+import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -218,6 +223,43 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
     return 0
+
+
+@contextlib.contextmanager
+def server_process(argv: list[str], log: Path, ready: str, env: dict[str, str] | None = None,
+                   start_timeout_s: float = 60.0) -> Iterator[str]:
+    """`python *argv` as a server in a child process, its stderr into `log`: its first stdout line (where it listens)
+    while the block runs, once that line starts with `ready`; the child is terminated after (killed after 10 s).
+    `RuntimeError` with the end of `log` when it does not say it serves within `start_timeout_s` (a reward that fails
+    to build, a bad flag)."""
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, *argv], env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                   stderr=stderr, text=True)
+    try:
+        first: list[str] = []
+        # A thread reads the line, so that a server that never says it serves is waited for at most start_timeout_s.
+        reader = threading.Thread(target=lambda: first.append(process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=start_timeout_s)
+        if not first or not first[0].startswith(ready):
+            raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
+        yield first[0].strip()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`python -m rebel_diffusion.serve_reward --port 0 *args` in a child process (`server_process`): its URL while the
+    block runs."""
+    with server_process(["-m", "rebel_diffusion.serve_reward", "--port", "0", *args], log, "serving reward",
+                        env) as line:
+        yield line.split()[-1]
 
 
 if __name__ == "__main__":

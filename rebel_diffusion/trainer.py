@@ -29,17 +29,18 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
+from rebel_diffusion.algorithms.aggregate import ComponentStatTrackers, advantage_targets, check_aggregate
 from rebel_diffusion.algorithms.base import MU_SOURCES, ON_POLICY
 from rebel_diffusion.checkpoints import (TrainingProgress, _truncate_metrics, _write_atomic, check_resumable,
                                          finished_epochs, load_checkpoint, lora_hooks, resume_checkpoint,
                                          resumed_run_dir, save_checkpoint, verify_checkpoint)
-from rebel_diffusion.config_keys import check_config_keys, flatten
+from rebel_diffusion.config_keys import TRAINER_REWARD_KEYS, check_config_keys, flatten
 from rebel_diffusion.errors import CheckpointError, ConfigError  # noqa: F401 -- CheckpointError for train.py
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
-from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind,
-                                     served_kinds)
+from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward_name, make_reward_fn,
+                                     parse_reward_spec, reward_kind, served_kinds)
 from rebel_diffusion.rewards.preference import (check_preference_name, make_preference_fn, preference_kind,
                                                 preference_reward)
 from rebel_diffusion.schedule import OptimizerStepSchedule
@@ -84,6 +85,7 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
         if hasattr(policy_class(config.policy), "check_config"):  # a policy's own keys, before any model loads
             policy_class(config.policy).check_config(config)
         check_reward_name(config.reward.name)
+        check_aggregate(config, algorithm, len(parse_reward_spec(config.reward.name)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if algorithm.comparisons:
@@ -96,6 +98,9 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
         if preference_kind(config.preference.name) not in ("any", policy_kind):
             raise ConfigError(f"preference {config.preference.name!r} compares {preference_kind(config.preference.name)} "
                               f"outputs, but policy {config.policy!r} produces {policy_kind}")
+        if config.reward.aggregate != "sum":
+            raise ConfigError(f"reward.aggregate={config.reward.aggregate!r} combines the components of reward.name, but "
+                              f"algorithm {config.algorithm!r} learns from preference.name; leave it 'sum'")
     if reward_kind(config.reward.name) not in ("any", policy_kind):
         raise ConfigError(f"reward {config.reward.name!r} scores {reward_kind(config.reward.name)} outputs, but policy "
                           f"{config.policy!r} produces {policy_kind}")
@@ -451,7 +456,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
 
     dtype = DTYPES[config.mixed_precision]
     # The rewards first: a bad head path fails before a multi-GB model download.
-    reward_options = {k: v for k, v in config.reward.items() if k != "name"}
+    reward_options = {k: v for k, v in config.reward.items() if k not in TRAINER_REWARD_KEYS}
     eval_names = _eval_reward_names(config) if config.eval.prompt_file else []
     try:
         reward_fn = make_reward_fn(config.reward.name, device=accelerator.device, dtype=dtype, **reward_options)
@@ -504,7 +509,12 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         steps_per_epoch * config.train.num_inner_epochs * config.num_epochs, progress,
     )
     policy.model, optimizer = accelerator.prepare(policy.model, optimizer)
-    stat_tracker = PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count)
+    # "advantage": the targets are made per component, each with the history of that component alone.
+    weights = dict(parse_reward_spec(config.reward.name))
+    by_component = config.reward.aggregate == "advantage"
+    stat_tracker = (ComponentStatTrackers(list(weights), config.stat_tracker.buffer_size, config.stat_tracker.min_count)
+                    if by_component else
+                    PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count))
     lora_hooks(accelerator, policy)
     if last_checkpoint is not None:
         changed = check_resumable(config, last_checkpoint)
@@ -571,13 +581,14 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
             # Measured here, after the reward thread is done with the batch, so that it never stalls the sampler.
             diversities.append(policy.diversity(trajectory.outputs, trajectory.prompts))
             trajectory.rewards = rewards.to(accelerator.device)
-            for name, scores in parts.items():
-                components[name].append(scores.float().to(accelerator.device))
+            group_major = torch.arange(len(trajectory)).reshape(k, -1).T.flatten()
+            for name, scores in parts.items():  # in the samples' order, for the per-component targets
+                components[name].append(scores.float().to(accelerator.device)[group_major])
             if trajectory.truncated is not None and config.reward.missing_eos_penalty is not None:
                 penalty = torch.tensor(float(config.reward.missing_eos_penalty), device=accelerator.device)
                 trajectory.rewards = torch.where(trajectory.truncated.to(accelerator.device), penalty, trajectory.rewards)
             trajectory.outputs = None  # outputs are not needed past the reward; free their memory
-            batches.append(trajectory[torch.arange(len(trajectory)).reshape(k, -1).T.flatten()])
+            batches.append(trajectory[group_major])
 
         # Batch i is scored in a worker thread while batch i+1 samples; the rewards are the same as in sequence.
         with ThreadPoolExecutor(max_workers=1) as scorer:
@@ -610,7 +621,13 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         shaped = all_rewards
         if shape_reward_with_kl:
             shaped = all_rewards - config.kl_coef * np.asarray(all_kl).reshape(all_rewards.shape)
-        targets = algorithm.targets(shaped, all_prompts, stat_tracker, config)
+        # Every component gathered as the rewards are (process order, then each process's rows), in the spec's order.
+        all_components = {name: accelerator.gather(torch.cat(components[name])).cpu().numpy().reshape(-1, k)
+                          for name in weights} if len(components) > 1 else {}
+        if by_component:
+            targets, shares = advantage_targets(algorithm, all_components, weights, all_prompts, stat_tracker, config)
+        else:
+            targets = algorithm.targets(shaped, all_prompts, stat_tracker, config)
         local = torch.as_tensor(targets.reshape(accelerator.num_processes, -1)[accelerator.process_index],
                                 dtype=torch.float32, device=accelerator.device)
         progress.reward_queries += len(all_rewards) * (len(algorithm.comparisons) or k)  # a comparison is a query
@@ -655,9 +672,10 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
             **{key: accelerator.reduce(torch.stack(values).mean().to(accelerator.device), "mean").item()
                for key, values in info.items()},
         }
-        if len(components) > 1:
-            for name, scores in components.items():
-                metrics[f"reward_{name}_mean"] = accelerator.gather(torch.cat(scores)).float().mean().item()
+        for name, scores in all_components.items():
+            metrics[f"reward_{name}_mean"] = float(scores.mean())
+            if by_component:
+                metrics[f"advantage_share_{name}"] = shares[name]
         if all_kl:
             metrics["kl"] = float(np.mean(all_kl))
         if mu != ON_POLICY:

@@ -102,7 +102,7 @@ def test_the_readme_documents_every_key_of_base_and_only_those():
 
 
 def test_every_policy_and_reward_key_of_base_has_an_owner():
-    from rebel_diffusion.config_keys import flatten, policy_keys
+    from rebel_diffusion.config_keys import TRAINER_REWARD_KEYS, flatten, policy_keys
     from rebel_diffusion.rewards import rewards_taking
 
     keys = set(flatten(base.get_config().to_dict()))
@@ -111,7 +111,7 @@ def test_every_policy_and_reward_key_of_base_has_an_owner():
     for key in sorted(keys):
         if key.startswith(("model.", "lora.")) or key in ("resolution", "sample.decode_batch_size"):
             assert key in owned, f"{key}: no policy reads it"
-        elif key.startswith("reward.") and key not in owned and key != "reward.name":
+        elif key.startswith("reward.") and key not in owned and key.removeprefix("reward.") not in TRAINER_REWARD_KEYS:
             # reward.judge.model belongs to the factory parameter `judge`
             assert rewards_taking(key.removeprefix("reward.").split(".")[0]), f"{key}: no reward takes it"
 

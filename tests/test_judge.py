@@ -25,9 +25,10 @@ from rebel_diffusion.rewards import RewardSetupError, make_reward_fn
 from rebel_diffusion.rewards.judge import JudgeOptions
 from rebel_diffusion.rewards.preference import make_preference_fn
 from rebel_diffusion.rewards.remote import RewardServerError
+from rebel_diffusion.serve_reward import server_process
 from rebel_diffusion.trainer import ConfigError, train
 
-from processes import REPO, serving
+from processes import REPO
 from test_serve_reward import closed_port
 from test_trainer import read_metrics, text_config
 
@@ -41,7 +42,8 @@ def server_factory(tmp_path_factory):
     with contextlib.ExitStack() as stack:
         def start(mode: str = "ok", model: str = MODEL) -> str:
             log = tmp_path_factory.mktemp("fake") / "stderr"
-            line = stack.enter_context(serving([FAKE, "--port", "0", "--model", model, "--mode", mode], log, "serving"))
+            line = stack.enter_context(server_process([FAKE, "--port", "0", "--model", model, "--mode", mode], log,
+                                                      "serving", {"OMP_NUM_THREADS": "1"}))
             return line.split()[-1]
 
         yield start

@@ -28,9 +28,9 @@ import rebel_diffusion.trainer as trainer
 from rebel_diffusion import shapes
 from rebel_diffusion.rewards import make_reward_fn
 from rebel_diffusion.rewards.remote import RewardServerError
+from rebel_diffusion.serve_reward import serve_in_subprocess
 from rebel_diffusion.trainer import ConfigError, RewardError, train
 
-from processes import serving
 from test_trainer import read_metrics, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,11 +38,9 @@ PROMPTS = REPO / "assets" / "quickstart_prompts.txt"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-@contextlib.contextmanager
-def serve_reward(*args: str, log: Path) -> Iterator[str]:
+def serve_reward(*args: str, log: Path) -> contextlib.AbstractContextManager[str]:
     """`python -m rebel_diffusion.serve_reward --port 0 ...` on 127.0.0.1, its URL while it runs; stopped after."""
-    with serving(["-m", "rebel_diffusion.serve_reward", "--port", "0", *args], log, "serving reward", ENV) as line:
-        yield line.split()[-1]
+    return serve_in_subprocess(list(args), log, env=ENV)
 
 
 @pytest.fixture(scope="module")

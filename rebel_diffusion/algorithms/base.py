@@ -80,6 +80,8 @@ class Algorithm:
             instead of a reward: sample i of each comparison is rewarded `l = 2 P(y_i beats y_j) - 1` (the paper's
             Eq. 11), a sample only compared against gets 0 (l(y, y) = 0), and a query is a comparison.
         trained_samples: how many of a group's first samples train (None: all); the others are only compared against.
+        scale_free: `config -> bool`, whether the targets stay the same when a reward is multiplied by a positive
+            constant (they normalise its scale); `reward.aggregate="advantage"` needs it (`aggregate.check_aggregate`).
     """
 
     name: str
@@ -93,6 +95,7 @@ class Algorithm:
     mu: Callable[[ConfigDict], Mu] = lambda config: ON_POLICY
     comparisons: tuple[tuple[int, int], ...] = ()
     trained_samples: int | None = None
+    scale_free: Callable[[ConfigDict], bool] = lambda config: False
 
     def __post_init__(self) -> None:
         if (self.step_loss is None) == (self.pair_loss is None):

@@ -88,4 +88,6 @@ def _check(config: ConfigDict) -> None:
 ALGORITHM = Algorithm(
     name="rebel", group_size=lambda config: 2, targets=_targets, kl_in_reward=True, pair_loss=_pair_loss, check=_check,
     mu=_mu,
+    # per-prompt or batch z-scores; raw rewards keep their scale
+    scale_free=lambda config: config.rebel.target != "rewards",
 )
