@@ -65,6 +65,18 @@ def get_config() -> ConfigDict:
     config.reward.reward_batch_size = 8  # reward_model: texts per reward-model forward
     config.reward.missing_eos_penalty = config_dict.placeholder(float)  # text: the reward of a response without EOS
 
+    # A pairwise preference P(a beats b | prompt) (rebel_diffusion/rewards/preference.py): the judge of
+    # `python -m rebel_diffusion.sample --compare-base --preference` (the run's section is its default). Each preference
+    # factory receives the options its signature names; a nested section (the judge's `preference.judge`) as a dict.
+    config.preference = ConfigDict()
+    config.preference.name = ""  # "" = none; pickscore, hpsv2, bradley_terry, a "module:function" or a server's URL
+    config.preference.reward = ""  # bradley_terry: the reward spec whose scores r give sigmoid((r_a - r_b) / temperature)
+    config.preference.temperature = 1.0  # bradley_terry
+    config.preference.batch_size = 16  # pickscore, hpsv2: images per CLIP forward; a server: pairs per request
+    config.preference.max_concurrency = 4  # a preference server: requests in flight, seconds to wait, retries
+    config.preference.timeout_s = 60.0
+    config.preference.retries = 3
+
     config.sample = ConfigDict()
     config.sample.batch_size = 8  # prompts per sampling batch per process; each is sampled k times (a group)
     config.sample.num_batches_per_epoch = 10

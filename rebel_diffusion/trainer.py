@@ -39,6 +39,7 @@ from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
 from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind,
                                      served_kinds)
+from rebel_diffusion.rewards.preference import check_preference_config, section_options
 from rebel_diffusion.schedule import OptimizerStepSchedule
 from rebel_diffusion.stop_together import stop_together
 from rebel_diffusion.trajectory import Trajectory
@@ -85,6 +86,12 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
     if reward_kind(config.reward.name) not in ("any", policy_kind):
         raise ConfigError(f"reward {config.reward.name!r} scores {reward_kind(config.reward.name)} outputs, but policy "
                           f"{config.policy!r} produces {policy_kind}")
+    preference = section_options(config.get("preference"))
+    if preference["name"]:
+        try:
+            check_preference_config(preference, policy_kind)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if config.kl_coef < 0:
         raise ConfigError(f"kl_coef must be non-negative, got {config.kl_coef}")
     if config.mixed_precision not in DTYPES:
