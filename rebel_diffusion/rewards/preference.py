@@ -138,10 +138,10 @@ def preference_options(name: str, reward: str = "") -> frozenset[str] | None:
     return _factory_options(_FACTORIES[name]) if name in _FACTORIES else frozenset()
 
 
-def check_preference_config(options: dict[str, Any], policy_kind: str) -> None:
+def check_preference_config(options: dict[str, Any], policy_kind: str | None = None) -> None:
     """`ValueError` (one line, naming the key) unless the `preference` section `options` (its `name` and options) is
-    valid for a policy producing `policy_kind` outputs: a known name, and for `bradley_terry` a valid reward spec and a
-    positive temperature. Models are not loaded, servers not contacted."""
+    valid, for a policy producing `policy_kind` outputs when given: a known name, and for `bradley_terry` a valid
+    reward spec and a positive temperature. Models are not loaded, servers not contacted."""
     name = options["name"]
     try:
         check_preference_name(name)
@@ -159,7 +159,7 @@ def check_preference_config(options: dict[str, Any], policy_kind: str) -> None:
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"preference.temperature must be a positive number, got {temperature!r}")
     kind = preference_kind(name, options)
-    if kind not in ("any", policy_kind):
+    if policy_kind is not None and kind not in ("any", policy_kind):
         raise ValueError(f"preference {name!r} compares {kind} outputs, but the policy produces {policy_kind}")
 
 
