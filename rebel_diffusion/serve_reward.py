@@ -85,8 +85,8 @@ class _Service:
             if not isinstance(outputs, list) or not all(isinstance(r, str) for r in outputs):
                 raise ProtocolError(f'"{responses}" must be a list of strings')
         if len(outputs) != count:
-            raise ProtocolError(f"{len(outputs)} outputs in {images if images in request else responses} but "
-                                f"{count} prompts")
+            side = f" in {images if images in request else responses}" if suffix else ""
+            raise ProtocolError(f"{len(outputs)} outputs{side} but {count} prompts")
         return outputs
 
 
