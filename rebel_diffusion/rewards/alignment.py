@@ -25,9 +25,10 @@ scale are computed in float32.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -308,21 +309,6 @@ def pickscore(
                          batch_size=batch_size)
 
 
-@register_preference("pickscore", kind="image")
-def pickscore_preference(
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    pickscore_model: str = PICKSCORE_MODEL,
-    pickscore_processor: str = PICKSCORE_PROCESSOR,
-    batch_size: int = 16,
-) -> PreferenceFn:
-    """PickScore's published preference of two images for a prompt: the softmax of their scores (which include
-    `logit_scale.exp()`); the options are the `pickscore` reward's."""
-    scorer = pickscore(device=device, dtype=dtype, pickscore_model=pickscore_model,
-                       pickscore_processor=pickscore_processor, batch_size=batch_size)
-    return _pairwise_softmax(scorer, 1.0)
-
-
 @register_reward("clip_score", kind="image")
 def clip_score(
     device: torch.device | str | None = None,
@@ -354,16 +340,25 @@ def hpsv2(
                          device=device, dtype=dtype, batch_size=batch_size, name="hpsv2")
 
 
-@register_preference("hpsv2", kind="image")
-def hpsv2_preference(
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    hpsv2_checkpoint: str | None = None,
-    hpsv2_model: str = HPSV2_MODEL,
-    batch_size: int = 16,
-) -> PreferenceFn:
-    """HPS v2's preference of two images for a prompt: the softmax of `logit_scale.exp() * cos` over the two, with the
-    HPS model's own (trained) logit_scale; the options are the `hpsv2` reward's."""
-    scorer = hpsv2(device=device, dtype=dtype, hpsv2_checkpoint=hpsv2_checkpoint, hpsv2_model=hpsv2_model,
-                   batch_size=batch_size)
-    return _pairwise_softmax(scorer, scorer.model.logit_scale.detach().float().exp().item())
+def _softmax_preference(reward_factory: Callable[..., Any], scale: Callable[[Any], float], doc: str) -> Callable:
+    """The preference factory of a scorer reward's factory: its options (its signature, through `functools.wraps`),
+    its scorer (`shared_scorer`: the same loaded model), and the two-image softmax of the scores times
+    `scale(scorer)`."""
+
+    @functools.wraps(reward_factory)
+    def factory(**options: Any) -> PreferenceFn:
+        scorer = reward_factory(**options)
+        return _pairwise_softmax(scorer, scale(scorer))
+
+    factory.__doc__ = doc
+    return factory
+
+
+register_preference("pickscore", kind="image")(_softmax_preference(
+    pickscore, lambda scorer: 1.0,
+    "PickScore's published preference of two images for a prompt: the softmax of their scores, which already include "
+    "`logit_scale.exp()`; the options are the `pickscore` reward's."))
+register_preference("hpsv2", kind="image")(_softmax_preference(
+    hpsv2, lambda scorer: scorer.model.logit_scale.detach().float().exp().item(),
+    "HPS v2's preference of two images for a prompt: the softmax over the two of `logit_scale.exp() * cos`, with the "
+    "HPS model's own (trained) logit_scale; the options are the `hpsv2` reward's."))
