@@ -217,6 +217,11 @@ def test_win_rate_against_the_base_model_with_a_bradley_terry_preference(lcm_run
                     f"{out / 'win_rate.json'})"]
 
 
+def longer(prompts, responses_a, responses_b):
+    """A user text preference: 1 when a is the longer response, 0 when b is, 0.5 for a tie."""
+    return [0.5 + 0.5 * ((len(a) > len(b)) - (len(a) < len(b))) for a, b in zip(responses_a, responses_b)]
+
+
 def test_text_checkpoint_writes_jsonl_with_base_responses(tmp_path, capsys):
     model_dir = save_tiny_causal_lm(tmp_path / "lm", "gpt2")
     config = get_config()
@@ -238,12 +243,16 @@ def test_text_checkpoint_writes_jsonl_with_base_responses(tmp_path, capsys):
 
     prompts = ["1+2=", "3+4="]
     code, err = run_main(["--checkpoint", run, "--out", tmp_path / "out", "--prompts", *prompts, "--seeds", 0, 1,
-                          "--compare-base"], capsys)
+                          "--compare-base", "--preference", f"{__name__}:longer"], capsys)
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"]) for r in records] == [(p, s) for p in prompts for s in (0, 1)]
     assert all(isinstance(r["response"], str) and isinstance(r["base_response"], str) for r in records)
     assert any(r["response"] != r["base_response"] for r in records)
+    # The win rate of a user text preference: each pair judged fine-tuned (a) against base (b).
+    pairs = json.loads((tmp_path / "out" / "win_rate.json").read_text())["pairs"]
+    assert [pair["p_fine_tuned_beats_base"] for pair in pairs] == longer(None, [r["response"] for r in records],
+                                                                         [r["base_response"] for r in records])
 
     code, err = run_main(["--model", model_dir, "--policy", "causal_lm", "--out", tmp_path / "base", "--prompts",
                           *prompts, "--seeds", 0, 1], capsys)

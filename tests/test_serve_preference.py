@@ -10,6 +10,7 @@ import torch
 from rebel_diffusion.rewards import RewardSetupError, make_reward_fn
 from rebel_diffusion.rewards.preference import make_preference_fn
 from rebel_diffusion.rewards.remote import encode_images
+from rebel_diffusion.serve_reward import PreferenceService, ProtocolError
 
 from test_serve_reward import rendered_batch, serve_reward
 
@@ -38,3 +39,16 @@ def test_a_preference_server_compares_as_the_in_process_preference(tmp_path):
         answer = requests.post(url + "/compare", json={"prompts": prompts[:1], "images_a": encode_images(images_a[:2]),
                                                        "images_b": encode_images(images_b[:1])}, timeout=10)
         assert answer.status_code == 400 and answer.json()["error"] == "2 outputs in images_a but 1 prompts"
+
+
+def test_a_text_preference_service_compares_responses():
+    prompts, responses_a, responses_b = ["1+2=", "3+4="], ["3", "8"], ["4", "7"]
+    fn = make_preference_fn("bradley_terry", reward="addition_exact", temperature=0.5)
+    service = PreferenceService("bradley_terry", fn, "text", torch.device("cpu"))
+    answer = service.answer({"prompts": prompts, "responses_a": responses_a, "responses_b": responses_b})
+    scores_a, scores_b = (make_reward_fn("addition_exact")(side, prompts) for side in (responses_a, responses_b))
+    assert scores_a.tolist() != scores_b.tolist()
+    torch.testing.assert_close(torch.tensor(answer["probabilities"]), torch.sigmoid((scores_a - scores_b) / 0.5))
+    with pytest.raises(ProtocolError, match="preference 'bradley_terry' compares text; send \"responses_a\""):
+        service.answer({"prompts": prompts, "images_a": encode_images(torch.zeros(2, 3, 4, 4)),
+                        "responses_b": responses_b})
