@@ -7,10 +7,11 @@ The owners declare their keys:
   reads but the chosen one does not (`model.max_new_tokens` with `lcm`, `resolution` with `causal_lm`) does not apply;
 * a reward factory's keyword parameters are its options (`reward.<parameter>`, what `make_reward_fn` passes it); a
   `reward.*` key that no reward of the run takes (the training reward and the `eval.rewards`) does not apply. A
-  `module:function` user reward takes no options; a factory with `**options` takes any;
+  `module:function` user reward takes no options; a factory with `**options` takes any. A section's keys
+  (`reward.judge.*`) belong to the parameter named after it (`judge`).
 * likewise a preference factory's keyword parameters are its `preference.*` options (`bradley_terry` also takes its
-  reward's), a nested section counting as one option (`preference.judge.*` for a factory parameter `judge`); with no
-  `preference.name`, no `preference.*` key applies.
+  reward's), a section's keys belonging to the parameter named after it (`preference.judge.*` to the judge's
+  `judge`); with no `preference.name`, no `preference.*` key applies.
 
 "Set" means different from `configs/base.py`'s default (a key absent there, added by a config file, is always set), so
 that configs built on the base, which carry every key, pass. Algorithm sections (`rebel.*`, `ppo.*`, ...) are not
@@ -81,7 +82,8 @@ def check_config_keys(config: ConfigDict, eval_rewards: list[str] = ()) -> None:
         return  # a factory with **options takes any key
     taken_by_run = frozenset().union(*taken)
     for key in sorted(k for k in flat if k.startswith("reward.")):
-        option = key.removeprefix("reward.")
+        # A nested key belongs to the option of its section: reward.judge.model is the judge factory's `judge`.
+        option = key.removeprefix("reward.").split(".")[0]
         if option == "name" or key in policy_owned or option in taken_by_run or not _is_set(flat, defaults, key):
             continue
         others = rewards_taking(option)

@@ -20,11 +20,9 @@ with code 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from PIL import Image
 from scipy import stats
 
 from rebel_diffusion.grids import save_image_grid
-from rebel_diffusion.policies import POLICIES, Policy, make_policy, policy_class
+from rebel_diffusion.policies import POLICIES, Policy, adapter_disabled, make_policy, policy_class
 from rebel_diffusion.checkpoints import find_checkpoint
 from rebel_diffusion.rewards import RewardSetupError
 from rebel_diffusion.rewards.preference import (PreferenceFn, check_preference_config, make_preference_fn,
@@ -106,25 +104,6 @@ def base_config(model: str, policy: str) -> ConfigDict:
     config.model.pretrained = model
     config.policy = policy
     return config
-
-
-@contextlib.contextmanager
-def adapter_disabled(policy: Policy) -> Iterator[None]:
-    """Sample the base model inside the block: the policy's own network with its LoRA adapter switched off."""
-    pipeline = getattr(policy, "pipeline", None)
-    if pipeline is not None:
-        denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
-        denoiser.disable_adapters()
-        try:
-            yield
-        finally:
-            denoiser.enable_adapters()
-        return
-    network = getattr(policy, "network", None)
-    if network is None or not hasattr(network, "disable_adapter"):
-        raise SampleError("--compare-base needs a LoRA adapter; this checkpoint holds full weights (lora.rank=0)")
-    with network.disable_adapter():
-        yield
 
 
 def load_checkpoint_weights(policy: Policy, checkpoint: Path) -> None:
@@ -348,6 +327,8 @@ def run(args: argparse.Namespace) -> Path:
         raise SampleError(str(e)) from None
     if checkpoint is not None:
         load_checkpoint_weights(policy, checkpoint)
+    if args.compare_base and not policy.has_reference:
+        raise SampleError("--compare-base needs a LoRA adapter; this checkpoint holds full weights (lora.rank=0)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if policy.kind == "image":

@@ -29,6 +29,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
+from rebel_diffusion.algorithms.base import MU_SOURCES, ON_POLICY
 from rebel_diffusion.checkpoints import (TrainingProgress, _truncate_metrics, _write_atomic, check_resumable,
                                          finished_epochs, load_checkpoint, lora_hooks, resume_checkpoint,
                                          resumed_run_dir, save_checkpoint, verify_checkpoint)
@@ -41,6 +42,7 @@ from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward
                                      served_kinds)
 from rebel_diffusion.rewards.preference import check_preference_config, section_options
 from rebel_diffusion.schedule import OptimizerStepSchedule
+from rebel_diffusion.sources import check_mu, sample_groups
 from rebel_diffusion.stop_together import stop_together
 from rebel_diffusion.trajectory import Trajectory
 
@@ -130,7 +132,12 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
         check_config_keys(config, _eval_reward_names(config) if config.eval.prompt_file else [])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return read_prompts(config.prompt_file), algorithm
+    prompts = read_prompts(config.prompt_file)
+    try:
+        check_mu(algorithm.mu(config), policy_class(config.policy), prompts, config.lora.rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return prompts, algorithm
 
 
 def _eval_reward_names(config: ConfigDict) -> list[str]:
@@ -503,6 +510,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
     eval_prompts = read_prompts(config.eval.prompt_file, "eval.prompt_file") if config.eval.prompt_file else []
     eval_seeds = [config.eval.seed + j for j in range(config.eval.num_seeds)]
     shape_reward_with_kl = algorithm.kl_in_reward and config.kl_coef > 0
+    mu = algorithm.mu(config)
 
     summary: dict[str, Any] | None = None  # the last epoch's metrics, printed once its evaluation (if any) is done
     for epoch in range(progress.epoch, config.num_epochs + 1):
@@ -534,13 +542,15 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
 
         # Sampling: k trajectories per prompt, stored group-major (sample j of group g at g * k + j). The networks stay
         # in eval mode throughout: dropout would make an unchanged policy's ratio differ from 1.
-        batches, components = [], defaultdict(list)
+        batches, components, by_source = [], defaultdict(list), []
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
 
-        def keep(trajectory: Trajectory, scored: Future) -> None:
+        def keep(trajectory: Trajectory, scored: Future, sources: list[str]) -> None:
             """Attach a sampled batch's rewards, drop its outputs and store it group-major (sample j of group g at
             g * k + j)."""
             rewards, parts = scored.result()
+            for j, (source, reward) in enumerate(zip(sources, rewards.tolist())):  # sample j // B of its group
+                by_source.append((source, reward, j >= len(trajectory) // k))
             # Measured here, after the reward thread is done with the batch, so that it never stalls the sampler.
             diversities.append(policy.diversity(trajectory.outputs, trajectory.prompts))
             trajectory.rewards = rewards.to(accelerator.device)
@@ -558,7 +568,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
             for batch_index in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
                                     disable=not is_main):
                 batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
-                trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
+                trajectory, sources = sample_groups(policy, batch_prompts, k, mu, with_kl=shape_reward_with_kl)
                 generator = _reward_generator(config.seed, accelerator.process_index, epoch, batch_index)
                 scored = _submit_score(scorer, accelerator.device.type, reward_fn, trajectory, config.reward.name,
                                        epoch, kept, generator, failed=failed)
@@ -566,7 +576,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                     scored.result()
                 if pending is not None:
                     keep(*pending)
-                pending = (trajectory, scored)
+                pending = (trajectory, scored, sources)
             keep(*pending)
         samples = Trajectory.cat(batches)
 
@@ -633,6 +643,15 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                 metrics[f"reward_{name}_mean"] = accelerator.gather(torch.cat(scores)).float().mean().item()
         if all_kl:
             metrics["kl"] = float(np.mean(all_kl))
+        if mu != ON_POLICY:
+            # Which source each y' came from, and the mean reward of each source's samples: reward_mean mixes them,
+            # reward_policy_mean is the policy's own.
+            drawn = gather_object(by_source)
+            later = [source for source, _, is_later in drawn if is_later]
+            for source in MU_SOURCES:
+                metrics[f"mu_{source}_fraction"] = later.count(source) / len(later)
+                if scores := [reward for s, reward, _ in drawn if s == source]:
+                    metrics[f"reward_{source}_mean"] = float(np.mean(scores))
         # The epoch's mean over batches (of every process) of the distance between samples of the same prompt: a
         # reward won by collapsing to one output per prompt shows as diversity near 0. Absent when no prompt was
         # sampled twice in a batch (one sample per prompt, as PPO's, and no repeated prompt).

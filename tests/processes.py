@@ -1,8 +1,9 @@
 """Training as separate processes: two ranks under accelerate launch, ranks started by hand (no launcher to stop the
-others when one fails), and scripts that run the trainer with a patch applied."""
+others when one fails), scripts that run the trainer with a patch applied, and servers the tests talk to."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -10,8 +11,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -94,3 +97,27 @@ def start_ranks(argvs: list[list[str]], timeout: float, env: dict[str, str] | No
                 process.wait()
         return [Ended(process.returncode, path.read_text(), ended_at[rank])
                 for rank, (process, path) in enumerate(zip(processes, stderr_paths))]
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], log: Path, ready: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`python *argv` as a server: its first line on stdout once that starts with `ready` (within 60 s, else the test
+    fails with its stderr, written to `log`); terminated (killed after 10 s) when the block ends."""
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        first: list[str] = []
+        # A thread reads the line, so that a server that never prints fails the test instead of blocking it.
+        reader = threading.Thread(target=lambda: first.append(process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert first and first[0].startswith(ready), f"the server did not start: {log.read_text()[-2000:]}"
+        yield first[0].strip()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -30,6 +30,7 @@ from rebel_diffusion.rewards import make_reward_fn
 from rebel_diffusion.rewards.remote import RewardServerError
 from rebel_diffusion.trainer import ConfigError, RewardError, train
 
+from processes import serving
 from test_trainer import read_metrics, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,23 +41,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 @contextlib.contextmanager
 def serve_reward(*args: str, log: Path) -> Iterator[str]:
     """`python -m rebel_diffusion.serve_reward --port 0 ...` on 127.0.0.1, its URL while it runs; stopped after."""
-    with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "rebel_diffusion.serve_reward", "--port", "0", *args],
-                                   cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    try:
-        ready: list[str] = []
-        reader = threading.Thread(target=lambda: ready.append(process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=60)
-        assert ready and ready[0].startswith("serving "), f"the server did not start: {log.read_text()[-2000:]}"
-        yield ready[0].split()[-1]
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with serving(["-m", "rebel_diffusion.serve_reward", "--port", "0", *args], log, "serving ", ENV) as line:
+        yield line.split()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +312,7 @@ def test_urls_in_reward_specs():
     config = get_config()
     config.reward.timeout_s = 5.0
     with pytest.raises(ValueError, match=r"reward.timeout_s is set, but reward 'jpeg_compressibility' takes no such "
-                                         r"option \(an option of http://host:port\)"):
+                                         r"option \(an option of judge, http://host:port\)"):
         check_config_keys(config)
     config.reward.name = "http://127.0.0.1:8000"
     check_config_keys(config)  # the server's client takes it

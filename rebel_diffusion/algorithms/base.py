@@ -24,6 +24,28 @@ from rebel_diffusion.algorithms.stat_tracker import PerPromptStatTracker
 
 Stats = dict[str, torch.Tensor]
 
+MU_SOURCES = ("policy", "base", "offline")
+
+
+@dataclass(frozen=True)
+class Mu:
+    """Where the samples after each group's first come from: REBEL's base distribution mu (Algorithm 1 of the paper
+    draws y from pi_t and y' from mu). The first sample of a group always comes from the policy.
+
+    Attributes:
+        probabilities: `{source: p}` over `MU_SOURCES`, summing to 1: "policy" (pi_t itself), "base" (the base model,
+            its adapter disabled) or "offline" (responses from `offline_data`); each group draws its source.
+        offline_data: the offline responses' source (`rebel_diffusion.prompts.read_offline_responses`), "" for none.
+        offline_key: the config key naming `offline_data`, for errors.
+    """
+
+    probabilities: dict[str, float]
+    offline_data: str = ""
+    offline_key: str = ""
+
+
+ON_POLICY = Mu({"policy": 1.0})
+
 
 class StepLoss(Protocol):
     def __call__(self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, targets: torch.Tensor, config: ConfigDict,
@@ -53,6 +75,7 @@ class Algorithm:
         step_loss / pair_loss: exactly one is set (see the module docstring).
         step_reduction: how a step loss becomes a sample's loss: "mean" over its real steps or "sum".
         check: `config -> None`, raises `ValueError` naming the key of a bad setting; runs before any model loads.
+        mu: `config -> Mu`, where a group's samples after the first come from (on-policy unless the algorithm says).
     """
 
     name: str
@@ -63,6 +86,7 @@ class Algorithm:
     pair_loss: PairLoss | None = None
     step_reduction: str = "mean"
     check: Callable[[ConfigDict], None] = lambda config: None
+    mu: Callable[[ConfigDict], Mu] = lambda config: ON_POLICY
 
     def __post_init__(self) -> None:
         if (self.step_loss is None) == (self.pair_loss is None):

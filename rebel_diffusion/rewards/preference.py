@@ -67,7 +67,7 @@ def check_preference_name(name: str) -> None:
     if name in _FACTORIES:
         return
     if is_url(name):
-        check_url(name)
+        check_url(name, "preference server URL")
         return
     if ":" not in name:
         raise ValueError(f"unknown preference {name!r}; choose one of {available_preferences()} or give a "
