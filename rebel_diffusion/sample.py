@@ -277,7 +277,8 @@ def _report_win_rate(preference_fn: PreferenceFn, name: str, prompts: list[str],
         "interval": "Student-t over the per-prompt mean probabilities, clipped to [0, 1]",
         "num_prompts": len(prompts),
         "num_seeds": len(seeds),
-        "per_prompt": [{"prompt": prompt, "win_rate": float(row.mean())} for prompt, row in zip(prompts, probabilities)],
+        "per_prompt": [{"prompt": prompt, "win_rate": float(row.mean())}
+                       for prompt, row in zip(prompts, probabilities)],
         "pairs": [{"prompt": prompt, "seed": seed, "p_fine_tuned_beats_base": float(p)}
                   for prompt, row in zip(prompts, probabilities) for seed, p in zip(seeds, row)],
     }, indent=2))

@@ -6,9 +6,10 @@ bradley_terry, `--reward` is the reward it compares).
 
 Any reward `make_reward_fn` builds can be served: a registered name, a `module:function` path or a weighted list, and
 any preference `make_preference_fn` builds but a server's URL. Its options are flags named after the factory's keyword
-parameters (`--head_path /m/head.pth --batch_size 16`), typed by their defaults. The server is the standard library's `ThreadingHTTPServer`: a connection per thread reads and decodes
-requests concurrently, while the reward scores one batch at a time (a lock), as it would in the trainer: a GPU model
-called from several threads at once gains nothing and may run out of memory. It listens on 127.0.0.1 unless `--host`
+parameters (`--head_path /m/head.pth --batch_size 16`), typed by their defaults. The server is the standard
+library's `ThreadingHTTPServer`: a connection per thread reads and decodes requests concurrently, while the reward
+scores one batch at a time (a lock), as it would in the trainer: a GPU model called from several threads at once gains
+nothing and may run out of memory. It listens on 127.0.0.1 unless `--host`
 says otherwise; it has no authentication, so expose it only on a network you trust.
 """
 
@@ -210,7 +211,8 @@ def _served_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.preference != "bradley_terry":
         if args.reward is not None:
             raise ValueError(f"--reward names bradley_terry's reward; preference {args.preference!r} takes none")
-        return _option_flags([_PREFERENCE_FACTORIES[args.preference]] if args.preference in _PREFERENCE_FACTORIES else [])
+        registered = args.preference in _PREFERENCE_FACTORIES  # else a module:function, which takes no options
+        return _option_flags([_PREFERENCE_FACTORIES[args.preference]] if registered else [])
     if args.reward is None:
         raise ValueError("--preference bradley_terry compares the scores of a reward: give it with --reward NAME")
     check_reward_name(args.reward)
@@ -240,7 +242,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     known, rest = parser.parse_known_args(argv)
     if known.reward is None and known.preference is None:
-        parser.error("give --reward NAME (a reward, at POST /score) or --preference NAME (a preference, at POST /compare)")
+        parser.error("give --reward NAME (a reward, at POST /score) or --preference NAME (a preference, at POST "
+                     "/compare)")
     try:
         options = _served_options(known)
     except ValueError as e:

@@ -89,8 +89,9 @@ def test_bradley_terry_is_the_sigmoid_of_the_reward_difference_over_the_temperat
     ({"name": "nope"}, "preference.name: unknown preference 'nope'"),
     ({"name": "http://host:notaport"}, "preference.name: preference server URL"),
     ({"name": "bradley_terry", "reward": ""}, "preference.reward is empty"),
-    ({"name": "bradley_terry", "reward": "nonexistent_reward"}, "preference.reward: unknown reward 'nonexistent_reward'"),
-    ({"name": "bradley_terry", "reward": "large_shape", "temperature": 0.0}, "preference.temperature must be a positive number, got 0.0"),
+    ({"name": "bradley_terry", "reward": "nonexistent_reward"}, "preference.reward: unknown reward 'nonexistent_"),
+    ({"name": "bradley_terry", "reward": "large_shape", "temperature": 0.0},
+     "preference.temperature must be a positive number, got 0.0"),
     ({"name": "bradley_terry", "reward": "addition_exact"}, "compares text outputs, but the policy produces image"),
     ({"name": "pickscore"}, "preference 'pickscore' compares image outputs, but the policy produces text"),
 ])

@@ -30,7 +30,8 @@ def test_a_preference_server_compares_as_the_in_process_preference(tmp_path):
         assert served.served_kind == "image"
         torch.testing.assert_close(served(prompts, images_a, images_b), expected, atol=1e-6, rtol=0)
         # A reward client finds a preference server out at its /health, and the server refuses half a pair.
-        with pytest.raises(RewardSetupError, match=f"reward server {url}: the server serves a preference, not a reward"):
+        with pytest.raises(RewardSetupError, match=f"reward server {url}: the server serves a preference, not a "
+                                                   "reward"):
             make_reward_fn(url)
         answer = requests.post(url + "/compare", json={"prompts": prompts[:1], "images_a": encode_images(images_a[:1])},
                                timeout=10)

@@ -17,7 +17,6 @@ HPS v2.1's two-image softmax (`pickscore`, `hpsv2`).
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 from typing import Any, Callable
 
@@ -103,8 +102,8 @@ def validate_probabilities(name: str, probabilities: Any, batch_size: int) -> to
 
 def make_preference_fn(name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                        **options: Any) -> PreferenceFn:
-    """Build the preference `name` (a registered name or a `module:function` path) once; the factory receives the
-    `options` its signature names. Its probabilities come back validated (`validate_probabilities`)."""
+    """Build the preference `name` (a registered name, a `module:function` path or a preference server's URL) once;
+    the factory receives the `options` its signature names. Its probabilities come back validated (`validate_probabilities`)."""
     check_preference_name(name)
     if name in _FACTORIES or is_url(name):
         factory = _FACTORIES.get(name, remote_preference)
@@ -163,7 +162,11 @@ def check_preference_config(options: dict[str, Any], policy_kind: str | None = N
         raise ValueError(f"preference {name!r} compares {kind} outputs, but the policy produces {policy_kind}")
 
 
-@register_preference("bradley_terry", kind=lambda options: reward_kind(options["reward"]) if options.get("reward") else "any")
+def _reward_kind_of(options: dict[str, Any]) -> str:
+    return reward_kind(options["reward"]) if options.get("reward") else "any"
+
+
+@register_preference("bradley_terry", kind=_reward_kind_of)
 def bradley_terry(device: torch.device | str | None = None, dtype: torch.dtype | None = None, reward: str = "",
                   temperature: float = 1.0, **reward_options: Any) -> PreferenceFn:
     """`P(a beats b) = sigmoid((r(a) - r(b)) / temperature)` for the reward spec `reward` (built once, with the options
@@ -183,5 +186,4 @@ def bradley_terry(device: torch.device | str | None = None, dtype: torch.dtype |
 def section_options(section: Any) -> dict[str, Any]:
     """A config's `preference` section (a `ConfigDict`, or None for a run written before it existed) as a plain dict
     of its name and options, nested sections (the judge's `preference.judge`) as nested dicts."""
-    options = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
-    return {"name": "", **options}
+    return {"name": "", **(section.to_dict() if section is not None else {})}
