@@ -9,6 +9,7 @@ from configs.base import get_config
 from rebel_diffusion.rewards import preference
 from rebel_diffusion.rewards.preference import (check_preference_config, check_preference_name, make_preference_fn,
                                                 register_preference, validate_probabilities)
+from rebel_diffusion.sample import _preference_section, build_parser
 from rebel_diffusion.trainer import ConfigError, validate_config
 
 
@@ -115,3 +116,20 @@ def test_the_trainer_refuses_a_bad_preference_before_loading_anything(section, m
         validate_config(config)
     config.preference.update({"name": "bradley_terry", "reward": "large_shape", "temperature": 0.5})
     validate_config(config)
+
+
+def test_a_judge_section_reaches_the_factory_parameter_named_after_it():
+    # The config check: preference.judge.* belongs to the judge factory's `judge`, and to no other preference.
+    config = get_config()
+    config.preference.name = "judge"
+    config.preference.judge = {"base_url": "http://127.0.0.1:1/v1", "model": "m", "compare_template": "{prompt}"}
+    validate_config(config)
+    config.preference.name = "pickscore"
+    with pytest.raises(ConfigError, match="preference.judge.base_url is set, but preference 'pickscore' takes no"):
+        validate_config(config)
+    # The command line: --preference-option judge.model=... sets the nested option over the run's section.
+    args = build_parser().parse_args(["--checkpoint", "c", "--out", "o", "--compare-base", "--preference", "judge",
+                                      "--preference-option", "judge.model=other", "--preference-option", "retries=0"])
+    section = _preference_section(config, args)
+    assert section["judge"] == {"base_url": "http://127.0.0.1:1/v1", "model": "other", "compare_template": "{prompt}"}
+    assert (section["name"], section["retries"], section["temperature"]) == ("judge", 0, 1.0)
