@@ -80,12 +80,13 @@ def get_config() -> ConfigDict:
     config.reward.judge.top_logprobs = 20  # yes_prob: top tokens searched for "yes" and "no"
     config.reward.judge.api_key_env = ""  # the environment variable holding an API key (the key is never in a config)
 
-    # A pairwise preference P(a beats b | prompt) (rebel_diffusion/rewards/preference.py): the judge of
-    # `python -m rebel_diffusion.sample --compare-base --preference` (the run's section is its default). Each preference
-    # factory receives the options its signature names; a nested section (the judge's `preference.judge`) as a dict.
+    # A pairwise preference P(a beats b | prompt) (rebel_diffusion/rewards/preference.py): what algorithm
+    # "rebel_preference" learns from, and the judge of `python -m rebel_diffusion.sample --compare-base --preference`
+    # (the run's section gives its options). Each preference factory receives the options its signature names; a nested
+    # section (the judge's `preference.judge`) as a dict.
     config.preference = ConfigDict()
-    config.preference.name = ""  # "" = none; pickscore, hpsv2, bradley_terry, a "module:function" or a server's URL
-    config.preference.reward = ""  # bradley_terry: the reward spec whose scores r give sigmoid((r_a - r_b) / temperature)
+    config.preference.name = ""  # "" = none; pickscore, hpsv2, bradley_terry, judge, a "module:function" or a URL
+    config.preference.reward = ""  # bradley_terry: the reward spec r of sigmoid((r_a - r_b) / temperature)
     config.preference.temperature = 1.0  # bradley_terry
     config.preference.batch_size = 16  # pickscore, hpsv2: images per CLIP forward; a server: pairs per request
     config.preference.max_concurrency = 4  # a preference server: requests in flight, seconds to wait, retries

@@ -75,7 +75,8 @@ RESUMABLE_KEYS = frozenset({
     "grid.num_prompts", "grid.num_seeds", "grid.seed",
     "eval.prompt_file", "eval.every", "eval.num_seeds", "eval.seed", "eval.rewards",
 })
-ALGORITHM_SECTIONS = {"rebel": "rebel", "ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "online_dpo": "dpo"}
+ALGORITHM_SECTIONS = {"rebel": "rebel", "ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "online_dpo": "dpo",
+                      "rebel_preference": "rebel"}
 
 
 class TrainingProgress:

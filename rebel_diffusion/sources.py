@@ -47,9 +47,10 @@ def check_mu(mu: Mu, policy_class: type, prompts: list[str], lora_rank: int, pro
 
 def sample_groups(policy: Policy, prompts: list[str], k: int, mu: Mu, with_kl: bool = False) -> tuple[Trajectory, list[str]]:
     """`k` samples for each of the B `prompts`, sample-major as `policy.sample(prompts * k)` returns them (sample j of
-    group g at j * B + g), and the source of each. Sample 0 of every group comes from the policy; each later sample
-    draws its source from `mu.probabilities` (Python's `random`, seeded by the trainer as the prompts are), and an
-    offline sample draws its response uniformly among its prompt's. Each source samples its share in one batch.
+    group g at j * B + g), and the source of each. Sample 1 of every group (y') draws its source from
+    `mu.probabilities` (Python's `random`, seeded by the trainer as the prompts are), every other sample comes from the
+    policy, and an offline sample draws its response uniformly among its prompt's. Each source samples its share in
+    one batch.
 
     With every sample on-policy this is `policy.sample(prompts * k, with_kl=with_kl)` itself, with the same draws.
     """
@@ -57,8 +58,8 @@ def sample_groups(policy: Policy, prompts: list[str], k: int, mu: Mu, with_kl: b
     if mu.probabilities == {"policy": 1.0}:
         return policy.sample(flat_prompts, with_kl=with_kl), ["policy"] * len(flat_prompts)
     names = list(mu.probabilities)
-    later = random.choices(names, weights=[mu.probabilities[n] for n in names], k=len(prompts) * (k - 1))
-    sources = ["policy"] * len(prompts) + later
+    drawn = random.choices(names, weights=[mu.probabilities[n] for n in names], k=len(prompts))
+    sources = ["policy"] * len(prompts) + drawn + ["policy"] * (len(prompts) * (k - 2))
     parts, order = [], []
     for source in MU_SOURCES:
         index = [i for i, s in enumerate(sources) if s == source]

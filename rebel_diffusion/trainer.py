@@ -40,7 +40,8 @@ from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
 from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind,
                                      served_kinds)
-from rebel_diffusion.rewards.preference import check_preference_config, section_options
+from rebel_diffusion.rewards.preference import (check_preference_config, make_preference_fn, preference_reward,
+                                                section_options)
 from rebel_diffusion.schedule import OptimizerStepSchedule
 from rebel_diffusion.sources import check_mu, sample_groups
 from rebel_diffusion.stop_together import stop_together
@@ -89,6 +90,8 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
         raise ConfigError(f"reward {config.reward.name!r} scores {reward_kind(config.reward.name)} outputs, but policy "
                           f"{config.policy!r} produces {policy_kind}")
     preference = section_options(config.get("preference"))
+    if algorithm.comparisons and not preference["name"]:
+        raise ConfigError(f"algorithm {config.algorithm!r} learns from a pairwise preference: set preference.name")
     if preference["name"]:
         try:
             check_preference_config(preference, policy_kind)
@@ -455,6 +458,20 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                            for name in eval_names}
     except RewardSetupError as e:
         raise ConfigError(f"reward {config.reward.name!r}: {e}") from None
+    k = algorithm.group_size(config)
+    trained = algorithm.trained_samples or k  # the first samples of each group train; the rest are compared against
+    train_reward_name = config.reward.name
+    if algorithm.comparisons:  # the run learns from comparisons; reward.name still scores the held-out evaluation
+        train_reward_name = config.preference.name
+        try:
+            preference_fn = make_preference_fn(config.preference.name, device=accelerator.device, dtype=dtype,
+                                               **{key: v for key, v in section_options(config.preference).items()
+                                                  if key != "name"})
+        except RewardSetupError as e:
+            raise ConfigError(f"preference {config.preference.name!r}: {e}") from None
+        train_reward_fn = preference_reward(preference_fn, k, algorithm.comparisons)
+    else:
+        train_reward_fn = reward_fn
     for fn in (reward_fn, *eval_reward_fns.values()):  # a reward server says what it scores only when asked
         for url, kind in served_kinds(fn).items():
             if kind not in ("any", policy_class(config.policy).kind):
@@ -470,7 +487,6 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         raise ConfigError(f"prompt_file: {e}") from None
     if config.kl_coef > 0 and not policy.has_reference:
         raise ConfigError("kl_coef > 0 needs the base model as reference, the adapter disabled: set lora.rank > 0")
-    k = algorithm.group_size(config)
 
     groups_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
     steps_per_epoch = groups_per_epoch // config.train.batch_size // config.train.gradient_accumulation_steps
@@ -570,7 +586,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                 batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
                 trajectory, sources = sample_groups(policy, batch_prompts, k, mu, with_kl=shape_reward_with_kl)
                 generator = _reward_generator(config.seed, accelerator.process_index, epoch, batch_index)
-                scored = _submit_score(scorer, accelerator.device.type, reward_fn, trajectory, config.reward.name,
+                scored = _submit_score(scorer, accelerator.device.type, train_reward_fn, trajectory, train_reward_name,
                                        epoch, kept, generator, failed=failed)
                 if not config.sample.overlap_reward:
                     scored.result()
@@ -596,7 +612,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         targets = algorithm.targets(shaped, all_prompts, stat_tracker, config)
         local = torch.as_tensor(targets.reshape(accelerator.num_processes, -1)[accelerator.process_index],
                                 dtype=torch.float32, device=accelerator.device)
-        progress.reward_queries += all_rewards.size
+        progress.reward_queries += len(all_rewards) * (len(algorithm.comparisons) or k)  # a comparison is a query
 
         # Training: shuffled micro-batches of whole groups.
         info = defaultdict(list)
@@ -606,7 +622,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
             for first in tqdm(range(0, num_groups, config.train.batch_size), desc=f"epoch {epoch}.{inner_epoch}: training",
                               disable=not is_main):
                 groups = order[first : first + config.train.batch_size]
-                index = (groups[:, None] * k + torch.arange(k)).flatten()
+                index = (groups[:, None] * k + torch.arange(trained)).flatten()
                 batch, target = samples[index], local[index]
                 with accelerator.accumulate(policy.model):
                     if algorithm.pair_loss is not None:
@@ -630,8 +646,8 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         progress.epoch = epoch + 1
         metrics = {
             "epoch": epoch,
-            "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std()),
+            "reward_mean": float(all_rewards[:, :trained].mean()),
+            "reward_std": float(all_rewards[:, :trained].std()),
             "reward_queries": progress.reward_queries,
             "optimizer_steps": progress.optimizer_steps,
             "lr": lr_scheduler.get_last_lr()[0],

@@ -133,3 +133,19 @@ def test_a_judge_section_reaches_the_factory_parameter_named_after_it():
     section = _preference_section(config, args)
     assert section["judge"] == {"base_url": "http://127.0.0.1:1/v1", "model": "other", "compare_template": "{prompt}"}
     assert (section["name"], section["retries"], section["temperature"]) == ("judge", 0, 1.0)
+
+
+def test_preference_reward_scores_each_compared_sample_with_l_and_the_comparator_with_0():
+    # Two groups of three outputs, sample-major: [y_0 of both groups, y_1 of both, y_2 of both]. P(a beats b) is a
+    # lookup by hand; l = 2 P - 1 (the paper's Eq. 11).
+    p_win = {("a0", "c0"): 0.9, ("b0", "c0"): 0.25, ("a1", "c1"): 0.5, ("b1", "c1"): 1.0}
+    calls = []
+
+    def table(prompts, outputs_a, outputs_b):
+        calls.append((list(prompts), list(outputs_a), list(outputs_b)))
+        return torch.tensor([p_win[a, b] for a, b in zip(outputs_a, outputs_b)])
+
+    reward_fn = preference.preference_reward(table, 3, ((0, 2), (1, 2)))
+    rewards = reward_fn(["a0", "a1", "b0", "b1", "c0", "c1"], ["x", "y"] * 3)
+    torch.testing.assert_close(rewards, torch.tensor([0.8, 0.0, -0.5, 1.0, 0.0, 0.0]))
+    assert calls[0] == (["x", "y"], ["a0", "a1"], ["c0", "c1"]) and len(calls) == 2

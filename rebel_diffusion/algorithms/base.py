@@ -29,8 +29,8 @@ MU_SOURCES = ("policy", "base", "offline")
 
 @dataclass(frozen=True)
 class Mu:
-    """Where the samples after each group's first come from: REBEL's base distribution mu (Algorithm 1 of the paper
-    draws y from pi_t and y' from mu). The first sample of a group always comes from the policy.
+    """Where y', sample 1 of each group, comes from: REBEL's base distribution mu (Algorithm 1 of the paper draws y
+    from pi_t and y' from mu). Every other sample of a group comes from the policy.
 
     Attributes:
         probabilities: `{source: p}` over `MU_SOURCES`, summing to 1: "policy" (pi_t itself), "base" (the base model,
@@ -75,7 +75,11 @@ class Algorithm:
         step_loss / pair_loss: exactly one is set (see the module docstring).
         step_reduction: how a step loss becomes a sample's loss: "mean" over its real steps or "sum".
         check: `config -> None`, raises `ValueError` naming the key of a bad setting; runs before any model loads.
-        mu: `config -> Mu`, where a group's samples after the first come from (on-policy unless the algorithm says).
+        mu: `config -> Mu`, where y', sample 1 of each group, comes from (on-policy unless the algorithm says).
+        comparisons: `((i, j), ...)`: when set, the algorithm learns from a pairwise preference (`preference.name`)
+            instead of a reward: sample i of each comparison is rewarded `l = 2 P(y_i beats y_j) - 1` (the paper's
+            Eq. 11), a sample only compared against gets 0 (l(y, y) = 0), and a query is a comparison.
+        trained_samples: how many of a group's first samples train (None: all); the others are only compared against.
     """
 
     name: str
@@ -87,6 +91,8 @@ class Algorithm:
     step_reduction: str = "mean"
     check: Callable[[ConfigDict], None] = lambda config: None
     mu: Callable[[ConfigDict], Mu] = lambda config: ON_POLICY
+    comparisons: tuple[tuple[int, int], ...] = ()
+    trained_samples: int | None = None
 
     def __post_init__(self) -> None:
         if (self.step_loss is None) == (self.pair_loss is None):

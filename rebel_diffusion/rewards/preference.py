@@ -187,3 +187,24 @@ def section_options(section: Any) -> dict[str, Any]:
     """A config's `preference` section (a `ConfigDict`, or None for a run written before it existed) as a plain dict
     of its name and options, nested sections (the judge's `preference.judge`) as nested dicts."""
     return {"name": "", **(section.to_dict() if section is not None else {})}
+
+
+def preference_reward(preference_fn: PreferenceFn, group_size: int,
+                      comparisons: tuple[tuple[int, int], ...]) -> Callable[[Any, list[str]], torch.Tensor]:
+    """A group's comparisons as per-sample rewards: `reward_fn(outputs, prompts) -> (B * k,)` float32 for B groups of
+    k = `group_size` outputs stored sample-major (sample j of group g at j * B + g).
+
+    Sample i of a comparison (i, j) is rewarded `l = 2 P(y_i beats y_j) - 1` in [-1, 1] (the paper's Eq. 11): one
+    draw of Swamy et al.'s reward `l(x, y_i, pi_t)` when y_j comes from pi_t. A sample that is only compared against
+    gets 0, its l against itself. Each comparison is one call of `preference_fn` on the B pairs.
+    """
+
+    def reward_fn(outputs: Any, prompts: list[str]) -> torch.Tensor:
+        groups = len(prompts) // group_size
+        rewards = torch.zeros(len(prompts))
+        for i, j in comparisons:
+            a, b = slice(i * groups, (i + 1) * groups), slice(j * groups, (j + 1) * groups)
+            rewards[a] = 2 * preference_fn(prompts[a], outputs[a], outputs[b]).float().cpu() - 1
+        return rewards
+
+    return reward_fn
