@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from ml_collections import ConfigDict
 from PIL import Image
-from scipy import stats
 
 from rebel_diffusion.grids import save_image_grid
 from rebel_diffusion.policies import POLICIES, Policy, adapter_disabled, make_policy, policy_class
 from rebel_diffusion.checkpoints import find_checkpoint
+from rebel_diffusion.compare import mean_ci
 from rebel_diffusion.rewards import RewardSetupError
 from rebel_diffusion.rewards.preference import (PreferenceFn, check_preference_config, make_preference_fn,
                                                 section_options)
@@ -253,12 +253,10 @@ def win_rate(probabilities: np.ndarray, level: float = 0.95) -> tuple[float, tup
     `mean +- t_{(1 + level) / 2, n - 1} * sd / sqrt(n)`, clipped to [0, 1] (a rate lies there). None for one prompt,
     whose seeds alone cannot say how the rate varies across prompts.
     """
-    per_prompt = probabilities.mean(axis=1)
-    mean, count = float(per_prompt.mean()), len(per_prompt)
-    if count < 2:
+    mean, low, high = mean_ci(probabilities.mean(axis=1), level)
+    if math.isnan(low):
         return mean, None
-    half = stats.t.ppf((1 + level) / 2, count - 1) * per_prompt.std(ddof=1) / math.sqrt(count)
-    return mean, (max(0.0, mean - half), min(1.0, mean + half))
+    return mean, (max(0.0, low), min(1.0, high))
 
 
 def _report_win_rate(preference_fn: PreferenceFn, name: str, prompts: list[str], seeds: list[int], tuned: Any,
