@@ -83,6 +83,19 @@ def get_config() -> ConfigDict:
     config.reward.judge.top_logprobs = 20  # yes_prob: top tokens searched for "yes" and "no"
     config.reward.judge.api_key_env = ""  # the environment variable holding an API key (the key is never in a config)
 
+    # A pairwise preference P(a beats b | prompt) (rebel_diffusion/rewards/preference.py): what algorithm
+    # "rebel_preference" learns from, and the judge of `python -m rebel_diffusion.sample --compare-base --preference`
+    # (the run's section gives its options). Each preference factory receives the options its signature names; a nested
+    # section (the judge's `preference.judge`) as a dict.
+    config.preference = ConfigDict()
+    config.preference.name = ""  # "" = none; pickscore, hpsv2, bradley_terry, judge, a "module:function" or a URL
+    config.preference.reward = ""  # bradley_terry: the reward spec r of sigmoid((r_a - r_b) / temperature)
+    config.preference.temperature = 1.0  # bradley_terry
+    config.preference.batch_size = 16  # pickscore, hpsv2: images per CLIP forward; a server: pairs per request
+    config.preference.max_concurrency = 4  # a preference server: requests in flight, seconds to wait, retries
+    config.preference.timeout_s = 60.0
+    config.preference.retries = 3
+
     config.sample = ConfigDict()
     config.sample.batch_size = 8  # prompts per sampling batch per process; each is sampled k times (a group)
     config.sample.num_batches_per_epoch = 10
@@ -109,10 +122,6 @@ def get_config() -> ConfigDict:
     config.train.adam_beta2 = 0.999
     config.train.adam_weight_decay = 1e-4
     config.train.adam_epsilon = 1e-8
-
-    # A pairwise preference (rebel_diffusion.rewards.preference): what algorithm "rebel_preference" learns from.
-    config.preference = ConfigDict()
-    config.preference.name = ""  # a registered preference or a "module:function" path
 
     config.rebel = ConfigDict()
     config.rebel.eta = 1.0

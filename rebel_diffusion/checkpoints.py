@@ -51,11 +51,12 @@ RUN_KEYS = frozenset({
     "reward.judge.model", "reward.judge.template", "reward.judge.system", "reward.judge.score", "reward.judge.pattern",
     "reward.judge.score_min", "reward.judge.score_max", "reward.judge.max_tokens", "reward.judge.temperature",
     "reward.judge.top_logprobs",
+    "preference.name", "preference.reward", "preference.temperature",
     "sample.batch_size", "sample.num_batches_per_epoch", "sample.sde", "sample.noise_level", "sample.sde_window",
     "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm",
     "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
     "rebel.eta", "rebel.target", "rebel.mu", "rebel.mix.policy", "rebel.mix.base", "rebel.mix.offline",
-    "rebel.offline_data", "preference.name", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
+    "rebel.offline_data", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
     "grpo.k", "grpo.clip_range", "grpo.adv_clip_max", "grpo.eps", "dpo.beta",
     "stat_tracker.buffer_size", "stat_tracker.min_count",
 })
@@ -68,6 +69,7 @@ RESUMABLE_KEYS = frozenset({
     "reward.batch_size", "reward.reward_batch_size", "reward.max_concurrency", "reward.timeout_s", "reward.retries",
     # Where the judge runs and the name of its key's variable: the same model elsewhere scores the same.
     "reward.judge.base_url", "reward.judge.api_key_env",
+    "preference.batch_size", "preference.max_concurrency", "preference.timeout_s", "preference.retries",
     "sample.decode_batch_size", "sample.overlap_reward",
     "train.learning_rate", "train.lr_schedule", "train.lr_warmup_steps", "train.gradient_checkpointing",
     "grid.num_prompts", "grid.num_seeds", "grid.seed",

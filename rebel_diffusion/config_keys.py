@@ -9,6 +9,9 @@ The owners declare their keys:
   `reward.*` key that no reward of the run takes (the training reward and the `eval.rewards`) does not apply. A
   `module:function` user reward takes no options; a factory with `**options` takes any. A section's keys
   (`reward.judge.*`) belong to the parameter named after it (`judge`).
+* likewise a preference factory's keyword parameters are its `preference.*` options (`bradley_terry` also takes its
+  reward's), a section's keys belonging to the parameter named after it (`preference.judge.*` to the judge's
+  `judge`); with no `preference.name`, no `preference.*` key applies.
 
 "Set" means different from `configs/base.py`'s default (a key absent there, added by a config file, is always set), so
 that configs built on the base, which carry every key, pass. Algorithm sections (`rebel.*`, `ppo.*`, ...) are not
@@ -23,6 +26,7 @@ from ml_collections import ConfigDict
 
 from rebel_diffusion.policies import POLICIES, policy_class
 from rebel_diffusion.rewards import reward_options, rewards_taking
+from rebel_diffusion.rewards.preference import preference_options
 
 _MISSING = object()
 # The `reward.*` keys the trainer itself reads: no reward factory is given them.
@@ -73,6 +77,7 @@ def check_config_keys(config: ConfigDict, eval_rewards: list[str] = ()) -> None:
             readers = sorted(name for name, keys in owners.items() if key in keys)
             raise ValueError(f"{key} does not apply to policy {config.policy!r} (only to {', '.join(readers)}); "
                              "remove it from the config")
+    _check_preference_keys(flat, defaults)
     specs = [config.reward.name, *eval_rewards]
     taken = [reward_options(spec) for spec in specs]
     if any(options is None for options in taken):
@@ -87,3 +92,17 @@ def check_config_keys(config: ConfigDict, eval_rewards: list[str] = ()) -> None:
         hint = f" (an option of {', '.join(others)})" if others else ""
         names = " or ".join(repr(spec) for spec in dict.fromkeys(specs))
         raise ValueError(f"{key} is set, but reward {names} takes no such option{hint}; remove it from the config")
+
+
+def _check_preference_keys(flat: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """`ValueError` (one line) for the first `preference.*` key set that the run's preference does not take."""
+    name = flat.get("preference.name", "")
+    taken = preference_options(name, flat.get("preference.reward", "")) if name else frozenset()
+    if taken is None:
+        return  # a factory with **options takes any key
+    for key in sorted(k for k in flat if k.startswith("preference.")):
+        option = key.removeprefix("preference.").split(".")[0]  # preference.judge.model: the factory's `judge`
+        if option == "name" or option in taken or not _is_set(flat, defaults, key):
+            continue
+        what = f"preference {name!r} takes no such option" if name else "preference.name is empty (no preference)"
+        raise ValueError(f"{key} is set, but {what}; remove it from the config")

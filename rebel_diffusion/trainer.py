@@ -41,8 +41,8 @@ from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
 from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward_name, make_reward_fn,
                                      parse_reward_spec, reward_kind, served_kinds)
-from rebel_diffusion.rewards.preference import (check_preference_name, make_preference_fn, preference_kind,
-                                                preference_reward)
+from rebel_diffusion.rewards.preference import (check_preference_config, make_preference_fn, preference_reward,
+                                                section_options)
 from rebel_diffusion.schedule import OptimizerStepSchedule
 from rebel_diffusion.sources import check_mu, sample_groups
 from rebel_diffusion.stop_together import stop_together
@@ -88,22 +88,20 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
         check_aggregate(config, algorithm, len(parse_reward_spec(config.reward.name)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if algorithm.comparisons:
-        if not config.preference.name:
-            raise ConfigError(f"algorithm {config.algorithm!r} learns from a pairwise preference: set preference.name")
-        try:
-            check_preference_name(config.preference.name)
-        except ValueError as e:
-            raise ConfigError(f"preference.name: {e}") from None
-        if preference_kind(config.preference.name) not in ("any", policy_kind):
-            raise ConfigError(f"preference {config.preference.name!r} compares {preference_kind(config.preference.name)} "
-                              f"outputs, but policy {config.policy!r} produces {policy_kind}")
-        if config.reward.aggregate != "sum":
-            raise ConfigError(f"reward.aggregate={config.reward.aggregate!r} combines the components of reward.name, but "
-                              f"algorithm {config.algorithm!r} learns from preference.name; leave it 'sum'")
     if reward_kind(config.reward.name) not in ("any", policy_kind):
         raise ConfigError(f"reward {config.reward.name!r} scores {reward_kind(config.reward.name)} outputs, but policy "
                           f"{config.policy!r} produces {policy_kind}")
+    preference = section_options(config.get("preference"))
+    if algorithm.comparisons and not preference["name"]:
+        raise ConfigError(f"algorithm {config.algorithm!r} learns from a pairwise preference: set preference.name")
+    if algorithm.comparisons and config.reward.aggregate != "sum":
+        raise ConfigError(f"reward.aggregate={config.reward.aggregate!r} combines the components of reward.name, but "
+                          f"algorithm {config.algorithm!r} learns from preference.name; leave it 'sum'")
+    if preference["name"]:
+        try:
+            check_preference_config(preference, policy_kind)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if config.kl_coef < 0:
         raise ConfigError(f"kl_coef must be non-negative, got {config.kl_coef}")
     if config.mixed_precision not in DTYPES:
@@ -472,7 +470,8 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         train_reward_name = config.preference.name
         try:
             preference_fn = make_preference_fn(config.preference.name, device=accelerator.device, dtype=dtype,
-                                               **{key: v for key, v in config.preference.items() if key != "name"})
+                                               **{key: v for key, v in section_options(config.preference).items()
+                                                  if key != "name"})
         except RewardSetupError as e:
             raise ConfigError(f"preference {config.preference.name!r}: {e}") from None
         train_reward_fn = preference_reward(preference_fn, k, algorithm.comparisons)

@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rebel_diffusion.compare import main as compare_main  # noqa: E402
+from rebel_diffusion.compare import mean_ci  # noqa: E402 -- the seeds are independent runs
 
 ALGORITHMS = ("rebel", "ppo", "rloo", "grpo", "online_dpo")
 
@@ -62,15 +62,6 @@ def run_one(algorithm: str, seed: int, logdir: Path, num_epochs: int) -> tuple[s
 
 
 EVAL_METRICS = ("eval_large_shape", "eval_shape_accuracy", "eval_shape_fidelity", "eval_diversity")
-
-
-def mean_ci(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean and its 95% Student-t interval over seeds (the seeds are independent runs)."""
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def _read(path: Path) -> list[dict]:

@@ -288,7 +288,8 @@ def test_a_request_that_breaks_the_protocol_is_a_400(shape_server):
         answer = requests.post(shape_server + "/score", json=request, timeout=10)
         assert answer.status_code == 400 and message in answer.json()["error"], answer.text
     assert requests.post(shape_server + "/score", data=b"{", timeout=10).status_code == 400
-    assert requests.get(shape_server + "/health", timeout=10).json() == {"reward": "shape_fidelity", "kind": "image"}
+    assert requests.get(shape_server + "/health", timeout=10).json() == {"type": "reward", "reward": "shape_fidelity",
+                                                                         "kind": "image"}
 
 
 def test_urls_in_reward_specs():

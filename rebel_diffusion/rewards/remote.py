@@ -3,18 +3,24 @@ process (`python -m rebel_diffusion.serve_reward`, or any server speaking the pr
 
 Protocol (JSON over HTTP; the README's "Reward servers" section is the reference for writing a server):
 
-* `GET /health` -> `{"reward": "<name>", "kind": "image" | "text" | "any"}`; asked once when the reward is built,
-  before any model loads, so that a server that does not answer stops the run before it samples.
+* `GET /health` -> `{"type": "reward", "reward": "<name>", "kind": "image" | "text" | "any"}`; asked once when the
+  reward is built, before any model loads, so that a server that does not answer stops the run before it samples.
+  (`"type"` may be missing: servers written before preferences existed serve rewards.)
 * `POST /score` with `{"prompts": [...], "images": {"dtype": "float32", "shape": [B, 3, H, W], "data": "<base64>"}}`
   (the images' float32 values in [0, 1], little-endian, C order) or `{"prompts": [...], "responses": [...]}` for text,
   and optionally `"seed"` (an integer: a reward that draws random numbers draws from a generator seeded with it)
   -> `{"scores": [B numbers]}`. An error is any other status, with `{"error": "<one line>"}` as its body.
+* A preference server (`preference.name = "http://host:port"`, `serve_reward --preference NAME`) answers `/health` with
+  `{"type": "preference", "preference": "<name>", "kind": ...}` and `POST /compare` with `{"prompts": [...],
+  "images_a": <images>, "images_b": <images>}` (or `"responses_a"`, `"responses_b"`) -> `{"probabilities": [B numbers
+  in [0, 1]]}`, P(a beats b) for each pair.
 
 A batch is split into requests of at most `batch_size` outputs, at most `max_concurrency` of them in flight at once.
 A request that gets no answer (connection refused or reset, no byte for `timeout_s` seconds) or an HTTP 5xx or 429 is
 retried `retries` times, after 0.5 s, 1 s, 2 s, ... (at most 10 s); an answer that breaks the protocol (a 4xx, not
 JSON, no `scores`, the wrong number of them, NaN, infinite or non-numeric scores) is the server's deterministic answer
-and is not retried. Either way the reward raises `RewardServerError`, one line naming the URL and what went wrong.
+and is not retried. Either way the reward raises `RewardServerError`, one line naming the URL and what went wrong. The
+preference client does all of this the same way (`_ServedClient`).
 """
 
 from __future__ import annotations
@@ -95,6 +101,8 @@ class JsonClient:
     after 0.5 s, 1 s, 2 s, ... (at most 10 s); every failure is a `RewardServerError` line beginning with `name`.
     """
 
+    section = "reward"  # the config section whose `retries` a message names
+
     def __init__(self, url: str, name: str, max_concurrency: int = 4, timeout_s: float = 60.0, retries: int = 3,
                  headers: dict[str, str] | None = None) -> None:
         if max_concurrency < 1:
@@ -142,7 +150,7 @@ class JsonClient:
                 return self._attempt(method, path, body)
             except _Transient as e:
                 if attempt == self.retries:
-                    tries = f"{self.retries + 1} attempts" if self.retries else "1 attempt, reward.retries = 0"
+                    tries = f"{self.retries + 1} attempts" if self.retries else f"1 attempt, {self.section}.retries = 0"
                     raise RewardServerError(f"{e} ({tries})") from None
                 time.sleep(min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt))
         raise AssertionError("unreachable")
@@ -170,16 +178,19 @@ def _error_detail(response: requests.Response) -> str:
     return str(error or answer.get("message") or "") or response.reason
 
 
-class RemoteReward(JsonClient):
-    """`reward_fn(outputs, prompts, generator=None) -> (B,)` float32, scored by the server at `url`.
+class _ServedClient(JsonClient):
+    """The client of a server that speaks this protocol: `/health` asked at construction (it must say it serves a
+    `role`, "reward" or "preference"), then batches of `batch_size` outputs per request.
 
-    Attributes: `url`; `served_reward` and `served_kind`, what the server's `/health` said it serves.
+    Attributes: `url`; `served_name` and `served_kind`, what the server's `/health` said it serves.
     """
+
+    role: str  # set by each subclass
 
     def __init__(self, url: str, batch_size: int = 32, max_concurrency: int = 4, timeout_s: float = 60.0,
                  retries: int = 3) -> None:
-        check_url(url)
-        name = f"reward server {url.rstrip('/')}"
+        check_url(url, f"{self.role} server URL")
+        name = f"{self.role} server {url.rstrip('/')}"
         if batch_size < 1:
             raise RewardSetupError(f"{name}: batch_size must be at least 1")
         super().__init__(url, name, max_concurrency=max_concurrency, timeout_s=timeout_s, retries=retries)
@@ -189,40 +200,79 @@ class RemoteReward(JsonClient):
         except RewardServerError as e:
             raise RewardSetupError(str(e)) from None
         if not isinstance(health, dict) or health.get("kind") not in ("image", "text", "any"):
-            raise RewardSetupError(f"reward server {self.url}: GET /health answered {_short(json.dumps(health))}; "
-                                   'expected {"reward": name, "kind": "image" | "text" | "any"}')
-        self.served_reward, self.served_kind = str(health.get("reward", "")), health["kind"]
+            raise RewardSetupError(f"{name}: GET /health answered {_short(json.dumps(health))}; "
+                                   f'expected {{"{self.role}": name, "kind": "image" | "text" | "any"}}')
+        served_type = health.get("type", "reward")
+        if served_type != self.role:
+            raise RewardSetupError(f"{name}: the server serves a {served_type}, not a {self.role} (its /health); name "
+                                   f"it as {'preference' if served_type == 'preference' else 'reward'}.name")
+        self.served_name, self.served_kind = str(health.get(self.role, "")), health["kind"]
+
+    def _numbers(self, answer: Any, path: str, key: str, item: str, count: int) -> list[float]:
+        """`answer[key]`, a list of `count` finite numbers (each an `item`), or `RewardServerError` naming what the
+        server got wrong."""
+        where = f"{self.name}: POST {path}"
+        numbers = answer.get(key) if isinstance(answer, dict) else None
+        if not isinstance(numbers, list):
+            raise RewardServerError(f'{where} answered without a "{key}" list: {_short(json.dumps(answer), 80)}')
+        if len(numbers) != count:
+            raise RewardServerError(f"{where} answered {len(numbers)} {key} for {count} outputs")
+        for i, number in enumerate(numbers):
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise RewardServerError(f"{where}: {item} {i} of {len(numbers)} is {json.dumps(number)}, not a number")
+            if not math.isfinite(number):
+                raise RewardServerError(f"{where}: {item} {i} of {len(numbers)} is {number}")
+        return [float(n) for n in numbers]
+
+    def _in_chunks(self, count: int, ask: Callable[[slice, int], list[float]]) -> torch.Tensor:
+        """`ask(slice, index)` for each chunk of `batch_size` of `count` outputs, up to `max_concurrency` at once, the
+        answers concatenated in order as a float32 `(count,)` tensor."""
+        chunks = [(slice(s, s + self.batch_size), i) for i, s in enumerate(range(0, count, self.batch_size))]
+        answers = self.map(lambda chunk: ask(*chunk), chunks)
+        return torch.tensor([n for answer in answers for n in answer], dtype=torch.float32)
+
+
+def encode_outputs(outputs: Any, suffix: str = "") -> dict[str, Any]:
+    """A request's outputs: `{"images" + suffix: payload}` for an image tensor, `{"responses" + suffix: [...]}` for
+    text."""
+    if isinstance(outputs, torch.Tensor):
+        return {"images" + suffix: encode_images(outputs)}
+    return {"responses" + suffix: [str(o) for o in outputs]}
+
+
+class RemoteReward(_ServedClient):
+    """`reward_fn(outputs, prompts, generator=None) -> (B,)` float32, scored by the server at `url` (`POST /score`)."""
+
+    role = "reward"
 
     def _score_chunk(self, outputs: Any, prompts: list[str], seed: int | None) -> list[float]:
-        request: dict[str, Any] = {"prompts": list(prompts)}
-        if isinstance(outputs, torch.Tensor):
-            request["images"] = encode_images(outputs)
-        else:
-            request["responses"] = [str(o) for o in outputs]
+        request: dict[str, Any] = {"prompts": list(prompts), **encode_outputs(outputs)}
         if seed is not None:
             request["seed"] = seed
         answer = self.request("POST", "/score", json.dumps(request).encode())
-        where = f"reward server {self.url}: POST /score"
-        scores = answer.get("scores") if isinstance(answer, dict) else None
-        if not isinstance(scores, list):
-            raise RewardServerError(f'{where} answered without a "scores" list: {_short(json.dumps(answer), 80)}')
-        if len(scores) != len(prompts):
-            raise RewardServerError(f"{where} answered {len(scores)} scores for {len(prompts)} outputs")
-        for i, score in enumerate(scores):
-            if isinstance(score, bool) or not isinstance(score, (int, float)):
-                raise RewardServerError(f"{where}: score {i} of {len(scores)} is {json.dumps(score)}, not a number")
-            if not math.isfinite(score):
-                raise RewardServerError(f"{where}: score {i} of {len(scores)} is {score}")
-        return [float(s) for s in scores]
+        return self._numbers(answer, "/score", "scores", "score", len(prompts))
 
     def __call__(self, outputs: Any, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
         # A generator's seed goes with each request (plus the request's index), so a random reward can seed its own.
         base = generator.initial_seed() if generator is not None else None
-        starts = range(0, len(prompts), self.batch_size)
-        chunks = [(outputs[s : s + self.batch_size], prompts[s : s + self.batch_size],
-                   None if base is None else (base + i) % 2**63) for i, s in enumerate(starts)]
-        scores = self.map(lambda chunk: self._score_chunk(*chunk), chunks)
-        return torch.tensor([s for chunk in scores for s in chunk], dtype=torch.float32)
+        return self._in_chunks(len(prompts), lambda part, i: self._score_chunk(
+            outputs[part], prompts[part], None if base is None else (base + i) % 2**63))
+
+
+class RemotePreference(_ServedClient):
+    """`preference_fn(prompts, outputs_a, outputs_b) -> (B,)` float32 P(a beats b), asked of the server at `url`
+    (`POST /compare`); the probabilities are validated by `make_preference_fn`."""
+
+    role = section = "preference"
+
+    def _compare_chunk(self, prompts: list[str], outputs_a: Any, outputs_b: Any) -> list[float]:
+        request = {"prompts": list(prompts), **encode_outputs(outputs_a, "_a"), **encode_outputs(outputs_b, "_b")}
+        answer = self.request("POST", "/compare", json.dumps(request).encode())
+        return self._numbers(answer, "/compare", "probabilities", "probability", len(prompts))
+
+    def __call__(self, prompts: list[str], outputs_a: Any, outputs_b: Any) -> torch.Tensor:
+        return self._in_chunks(len(prompts), lambda part, _: self._compare_chunk(
+            prompts[part], outputs_a[part], outputs_b[part]))
 
 
 def remote_reward(url: str, /, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -232,3 +282,12 @@ def remote_reward(url: str, /, device: torch.device | str | None = None, dtype: 
     (`device` and `dtype` are the server's business)."""
     return RemoteReward(url, batch_size=batch_size, max_concurrency=max_concurrency, timeout_s=timeout_s,
                         retries=retries)
+
+
+def remote_preference(url: str, /, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                      batch_size: int = 32, max_concurrency: int = 4, timeout_s: float = 60.0,
+                      retries: int = 3) -> RemotePreference:
+    """The factory of a `preference.name = "http://host:port"` preference; its keyword parameters are its
+    `preference.*` options (pairs per request, requests in flight, seconds to wait, retries)."""
+    return RemotePreference(url, batch_size=batch_size, max_concurrency=max_concurrency, timeout_s=timeout_s,
+                            retries=retries)
