@@ -105,6 +105,13 @@ def test_the_objective_is_the_iqm_over_seeds_and_last_epochs(tmp_path):
     assert sw.objective(per_seed) == pytest.approx((1 + 2 + 3 + 4) / 4)
 
 
+def test_an_eval_metric_is_scored_over_the_last_evaluations(tmp_path):
+    write_run(tmp_path / "run", [0.0] * 10)
+    (tmp_path / "run" / "eval.jsonl").write_text("".join(json.dumps({"epoch": e, "eval_accuracy": a}) + "\n"
+                                                         for e, a in [(0, 0.1), (5, 0.5), (10, 0.7)]))
+    assert list(sw.last_values(tmp_path / "run", "eval_accuracy", 2)) == [0.5, 0.7]
+
+
 def test_a_run_is_finished_when_its_last_checkpoint_has_all_its_epochs(tmp_path):
     write_run(tmp_path / "done", [0.0, 1.0], checkpoint_epoch=2)
     write_run(tmp_path / "half", [0.0, 1.0], checkpoint_epoch=1)
@@ -214,6 +221,15 @@ def test_a_retried_trial_reuses_its_finished_runs_and_resumes_the_interrupted_on
     assert sw.load_study(sweep).get_trials()[0].value == pytest.approx((5.0 + 3.01 + 0.01) / 2)
 
 
+def test_a_study_of_another_sweep_is_refused(tmp_path):
+    sw.create_study(sweep_for(tmp_path, trials=2))
+    sw.create_study(sweep_for(tmp_path, trials=5, jobs=2, out=tmp_path / "b"))  # the same sweep, more of it
+    with pytest.raises(sw.SweepError, match="is another sweep \\(its space, seeds differ\\)"):
+        sw.create_study(sweep_for(tmp_path, trials=2, seeds=3, space="rebel.eta=1,3"))
+    with pytest.raises(sw.SweepError, match="is to maximize its objective"):
+        sw.create_study(sweep_for(tmp_path, trials=2, direction="minimize"))
+
+
 def test_a_trial_whose_training_fails_counts_and_keeps_the_error_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sw.subprocess, "run", FakeTrain(error="error: epoch 1: reward nan for prompt '1+1='"))
     sweep = sweep_for(tmp_path, trials=2)
@@ -282,6 +298,7 @@ def sweep_command(*args: str) -> list[str]:
     (["--sampler", "grid"], "--sampler grid takes comma lists only; train.learning_rate is loguniform"),
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--bogus"], "unrecognized argument '--bogus'"),
+    (["--config.seed=3"], "--config.seed=3: the sweep sets it for every run"),
 ])
 def test_bad_sweep_input_is_one_line_and_exit_2_before_any_trial(tmp_path, args, message):
     result = subprocess.run(sweep_command("--trials", "2", "--out", str(tmp_path / "out"), *args), cwd=REPO, env=ENV,
