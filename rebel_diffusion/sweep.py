@@ -1,5 +1,4 @@
-"""Hyperparameter sweeps on Optuna: every trial trains ordinary run folders, and any number of processes and machines
-share one study through its storage.
+"""Hyperparameter sweeps on Optuna: trials train ordinary run folders; processes and machines share one study.
 
     python -m rebel_diffusion.sweep --config configs/quickstart_rebel.py \\
         --space "train.learning_rate=loguniform(1e-4,1e-2);rebel.eta=0.3,1,3" --trials 20 --seeds 3 --jobs 2 \\
@@ -183,6 +182,8 @@ def objective(per_seed: list[np.ndarray]) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
+    """The checked command line, as each worker process gets it."""
+
     config: str
     overrides: tuple[str, ...]
     space: tuple[Param, ...]
