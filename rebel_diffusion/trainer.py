@@ -677,7 +677,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                 metrics[f"advantage_share_{name}"] = shares[name]
         if all_kl:
             metrics["kl"] = float(np.mean(all_kl))
-        if mu != ON_POLICY:
+        if mu.probabilities != ON_POLICY.probabilities:
             # Which source each y' came from, and the mean reward of each source's samples: reward_mean mixes them,
             # reward_policy_mean is the policy's own.
             drawn = gather_object(by_source)

@@ -68,6 +68,7 @@ def test_y_and_y_prime_regress_on_their_preference_against_y_second(tmp_path, mo
 
     (metrics,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics["reward_queries"] == 8 * 2  # two comparisons per prompt are the queries
+    assert not [key for key in metrics if key.startswith("mu_")]  # y' on-policy: nothing to say where it came from
 
 
 def test_preference_rebel_needs_a_preference_that_fits_the_policy(tmp_path):
