@@ -12,6 +12,10 @@ With `--compare-base --preference NAME` a pairwise preference (`rebel_diffusion.
 to `win_rate.json`. The preference's options are the run's `preference` section, overridden by `--preference-option
 KEY=VALUE`; it is checked and built before the policy loads.
 
+With `--save-trajectories` every (prompt, seed)'s trajectory (for images the latents of each step and the image; for
+text the tokens) is written to `trajectories.pt` too: offline data for a later run (`rebel.mu = "offline"`,
+`rebel.offline_data = ".../trajectories.pt"`), whose model and sampler settings must be the ones it was sampled with.
+
 Each (prompt, seed) is sampled on its own, so its output depends only on the prompt and the seed, never on which other
 prompts were asked for. Bad inputs (no LoRA weights, weights that do not fit the model, a missing prompt file) exit
 with code 2 and one line on stderr.
@@ -38,7 +42,9 @@ from rebel_diffusion.compare import mean_ci
 from rebel_diffusion.rewards import RewardSetupError
 from rebel_diffusion.rewards.preference import (PreferenceFn, check_preference_config, make_preference_fn,
                                                 section_options)
+from rebel_diffusion.sources import save_trajectories
 from rebel_diffusion.trainer import DTYPES, ConfigError, read_prompts
+from rebel_diffusion.trajectory import Trajectory
 
 # What a checkpoint folder holds for each policy: the diffusers LoRA file, a peft adapter, or (LoRA rank 0) full weights.
 LORA_FILES = {"lcm": ("pytorch_lora_weights.safetensors",), "flow_match": ("pytorch_lora_weights.safetensors",),
@@ -72,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one sample per prompt and seed")
     parser.add_argument("--compare-base", action="store_true", help="also sample the base model with the same seeds")
     parser.add_argument("--resolution", type=int, help="image side in pixels; default: the run's")
+    parser.add_argument("--save-trajectories", action="store_true",
+                        help="also write trajectories.pt: every (prompt, seed)'s trajectory (for images the latents of "
+                             "each step and the image), offline data for a run's rebel.offline_data")
     parser.add_argument("--preference", help="with --compare-base: the preference judging fine-tuned against base "
                                              "(pickscore, hpsv2, bradley_terry, module:function or http://host:port); "
                                              "writes win_rate.json")
@@ -144,13 +153,18 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _sample_images(policy: Policy, prompts: list[str], seeds: list[int], out: Path, compare_base: bool,
-                   tuned: bool = True) -> tuple[list, list]:
+                   trajectories: list[Trajectory], tuned: bool = True) -> tuple[list, list]:
     """One PNG per (prompt, seed) (and its `_base` twin), `grid.png` (rows = prompts; a column per seed, or a
     base | fine-tuned pair of columns per seed, each labelled in the header band), and `samples.json` mapping files to
     prompts and seeds. Returns the fine-tuned and the base images (none without `compare_base`), prompt by prompt and
-    seed by seed."""
+    seed by seed, and appends each fine-tuned trajectory to `trajectories`."""
     def draw(prompt: str, seed: int) -> torch.Tensor:
         return policy.sample([prompt], generator=torch.Generator().manual_seed(seed)).outputs[0].cpu()
+
+    def draw_tuned(prompt: str, seed: int) -> torch.Tensor:
+        trajectory = policy.sample([prompt], generator=torch.Generator().manual_seed(seed))
+        trajectories.append(trajectory)
+        return trajectory.outputs[0].cpu()
 
     rows, index, tuned_images, base_images = [], [], [], []
     for i, prompt in enumerate(prompts):
@@ -164,7 +178,7 @@ def _sample_images(policy: Policy, prompts: list[str], seeds: list[int], out: Pa
                 _save_png(base, out / entry["base_file"])
                 row.append(base)
                 base_images.append(base)
-            image = draw(prompt, seed)
+            image = draw_tuned(prompt, seed)
             _save_png(image, out / entry["file"])
             row.append(image)
             tuned_images.append(image)
@@ -183,14 +197,16 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def _sample_text(policy: Policy, prompts: list[str], seeds: list[int], out: Path,
-                 compare_base: bool) -> tuple[list, list]:
+                 compare_base: bool, trajectories: list[Trajectory]) -> tuple[list, list]:
     """`samples.jsonl`: `{"prompt", "seed", "response"[, "base_response"]}` per (prompt, seed). Returns the fine-tuned
-    and the base responses (none without `compare_base`), prompt by prompt and seed by seed."""
+    and the base responses (none without `compare_base`), prompt by prompt and seed by seed, and appends each
+    fine-tuned trajectory to `trajectories`."""
     records = []
     for prompt in prompts:
         for seed in seeds:
             record = {"prompt": prompt, "seed": seed}
-            record["response"] = policy.sample([prompt], generator=torch.Generator().manual_seed(seed)).outputs[0]
+            trajectories.append(policy.sample([prompt], generator=torch.Generator().manual_seed(seed)))
+            record["response"] = trajectories[-1].outputs[0]
             if compare_base:
                 with adapter_disabled(policy):
                     record["base_response"] = policy.sample([prompt],
@@ -330,11 +346,14 @@ def run(args: argparse.Namespace) -> Path:
         raise SampleError("--compare-base needs a LoRA adapter; this checkpoint holds full weights (lora.rank=0)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    trajectories: list[Trajectory] = []
     if policy.kind == "image":
-        tuned, base = _sample_images(policy, prompts, list(args.seeds), out, args.compare_base,
+        tuned, base = _sample_images(policy, prompts, list(args.seeds), out, args.compare_base, trajectories,
                                      tuned=checkpoint is not None)
     else:
-        tuned, base = _sample_text(policy, prompts, list(args.seeds), out, args.compare_base)
+        tuned, base = _sample_text(policy, prompts, list(args.seeds), out, args.compare_base, trajectories)
+    if args.save_trajectories:
+        save_trajectories(out / "trajectories.pt", Trajectory.cat(trajectories), config)
     if preference_fn is not None:
         _report_win_rate(preference_fn, section["name"], prompts, list(args.seeds), tuned, base, out)
     return out

@@ -142,7 +142,7 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
         raise ConfigError(str(e)) from None
     prompts = read_prompts(config.prompt_file)
     try:
-        check_mu(algorithm.mu(config), policy_class(config.policy), prompts, config.lora.rank)
+        check_mu(algorithm.mu(config), policy_class(config.policy), prompts, config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return prompts, algorithm

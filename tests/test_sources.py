@@ -126,13 +126,15 @@ def test_check_mu_names_what_the_run_cannot_draw(tmp_path):
     data = tmp_path / "sums.jsonl"
     data.write_text(json.dumps({"prompt": SUMS[0], "response": "19"}) + "\n")
     offline = Mu({"offline": 1.0}, str(data), "rebel.offline_data")
-    with pytest.raises(ValueError, match=r"no response for 1 of the 2 prompts of prompt_file \(the first: '40\+41='\)"):
-        check_mu(offline, CausalLMPolicy, SUMS[:2], lora_rank=4)
+    config = tiny_config(TINY_LM, tmp_path)
+    with pytest.raises(ValueError, match=r"no sample for 1 of the 2 prompts of prompt_file \(the first: '40\+41='\)"):
+        check_mu(offline, CausalLMPolicy, SUMS[:2], config)
     with pytest.raises(ValueError, match="offline responses need a text policy"):
-        check_mu(offline, LCMPolicy, SUMS[:1], lora_rank=4)
+        check_mu(offline, LCMPolicy, SUMS[:1], config)
+    check_mu(offline, CausalLMPolicy, SUMS[:1], config)
+    config.lora.rank = 0
     with pytest.raises(ValueError, match="set lora.rank > 0"):
-        check_mu(Mu({"base": 1.0}), CausalLMPolicy, SUMS, lora_rank=0)
-    check_mu(offline, CausalLMPolicy, SUMS[:1], lora_rank=4)
+        check_mu(Mu({"base": 1.0}), CausalLMPolicy, SUMS, config)
 
 
 def test_a_run_with_offline_and_base_mu_logs_where_each_pair_came_from(tmp_path):
@@ -173,3 +175,35 @@ def test_the_chat_config_accepts_the_chosen_answers_of_a_preference_set_as_offli
     config.rebel.mu, config.rebel.offline_data = "offline", f"{data}:train_prefs:prompt:chosen"
     prompts, algorithm = validate_config(config)
     assert prompts == ["Name a prime.", "Say hi."] and algorithm.mu(config).probabilities == {"offline": 1.0}
+
+
+def test_trajectories_saved_by_sample_are_offline_samples_of_an_image_run(tiny_lcm_path, tmp_path):
+    from rebel_diffusion.sample import main as sample_main
+
+    out = tmp_path / "samples"
+    assert sample_main(["--model", str(tiny_lcm_path), "--prompts", *SHAPES, "--seeds", "0", "1", "--resolution", "32",
+                        "--out", str(out), "--save-trajectories"]) == 0
+    path = str(out / "trajectories.pt")
+    # A fresh policy is the base model that drew them: re-scored (unmerged, in a batch) they have the log-probs the
+    # sampler recorded, up to test_lcm's fp32 bound; their images are the saved ones.
+    policy = LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32)
+    random.seed(0)
+    torch.manual_seed(0)
+    trajectory, sources = sample_groups(policy, SHAPES * 2, 2, Mu({"offline": 1.0}, path, "rebel.offline_data"))
+    saved = torch.load(path, weights_only=True)["fields"]
+    assert sources[4:] == ["offline"] * 4
+    for row in range(4, 8):
+        match = [i for i in range(4) if torch.equal(saved["actions"][i], trajectory.actions[row])]
+        assert len(match) == 1 and saved["prompts"][match[0]] == trajectory.prompts[row]
+        assert torch.equal(saved["outputs"][match[0]], trajectory.outputs[row])
+        torch.testing.assert_close(trajectory.log_probs[row], saved["log_probs"][match[0]], atol=1e-5, rtol=0)
+
+    prompts = tmp_path / "shapes.txt"
+    prompts.write_text("\n".join(SHAPES) + "\n")
+    config = tiny_config(tiny_lcm_path, tmp_path, num_epochs=1, prompt_file=str(prompts),
+                         **{"rebel.mu": "offline", "rebel.offline_data": path})
+    (metrics,) = read_metrics(train(config))
+    assert metrics["mu_offline_fraction"] == 1 and "reward_offline_mean" in metrics
+    config.resolution = 64
+    with pytest.raises(ValueError, match="sampled with resolution=32, but this run has resolution=64"):
+        check_mu(ALGORITHMS["rebel"].mu(config), LCMPolicy, SHAPES, config)
