@@ -136,7 +136,7 @@ def test_sampler_steps_follow_the_formulas_with_the_generators_noise(tiny_sd3_pa
     for step in range(policy.num_actions):
         sigma, sigma_next = policy.sigmas[step].double().item(), policy.sigmas[step + 1].double().item()
         with torch.no_grad():
-            v = policy.velocity(trajectory.states[:, step], step, trajectory.conditioning).double()
+            v = policy.guided_prediction(trajectory.states[:, step], step, trajectory.conditioning).double()
         x = trajectory.states[:, step].double()
         if sde == "flow_sde":  # written out again here, not calling the module
             std_t = a * math.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma)))
@@ -180,14 +180,15 @@ def test_the_window_runs_ode_steps_outside_it(tiny_sd3_path):
     generator = torch.Generator().manual_seed(6)
     x = torch.randn((2, 16, 8, 8), generator=generator)
     with torch.no_grad():
-        v = windowed.velocity(x, 0, trajectory.conditioning)
+        v = windowed.guided_prediction(x, 0, trajectory.conditioning)
     torch.testing.assert_close(trajectory.states[:, 0], x + (windowed.sigmas[1] - windowed.sigmas[0]) * v,
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(trajectory.states[:, 1], trajectory.actions[:, 0])
     # The images come from an ODE step after the window: recomputing it from the last action gives them.
     with torch.no_grad():
         last = trajectory.actions[:, -1]
-        final = ode_step(windowed.velocity(last, 3, trajectory.conditioning), last, windowed.sigmas[3], windowed.sigmas[4])
+        v = windowed.guided_prediction(last, 3, trajectory.conditioning)
+        final = ode_step(v, last, windowed.sigmas[3], windowed.sigmas[4])
     torch.testing.assert_close(windowed.decode(final), trajectory.outputs, atol=1e-5, rtol=0)
 
 
