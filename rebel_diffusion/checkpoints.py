@@ -49,6 +49,7 @@ RUN_KEYS = frozenset({
     "lora.rank", "lora.alpha", "lora.init", "lora.targets",
     "reward.name", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
     "sample.batch_size", "sample.num_batches_per_epoch", "sample.sde", "sample.noise_level", "sample.sde_window",
+    "sample.eta",
     "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm",
     "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
     "rebel.eta", "rebel.target", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
