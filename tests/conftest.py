@@ -124,36 +124,34 @@ def build_tiny_sdxl_pipeline(tokenizer_dir: Path, seed: int = 0, second_encoder:
     )
 
 
+def save_pipeline(root: Path, build, **options) -> Path:
+    """`build(tokenizer folder, **options).save_pretrained(root / "pipeline")`; returns that folder."""
+    build(root / "tokenizer-src", **options).save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD 1.5-style pipeline folder, as `save_pretrained` writes it."""
-    root = tmp_path_factory.mktemp("tiny-sd")
-    build_tiny_sd_pipeline(root / "tokenizer-src").save_pretrained(root / "pipeline")
-    return root / "pipeline"
+    return save_pipeline(tmp_path_factory.mktemp("tiny-sd"), build_tiny_sd_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SDXL pipeline folder with both text encoders, as `save_pretrained` writes it."""
-    root = tmp_path_factory.mktemp("tiny-sdxl")
-    build_tiny_sdxl_pipeline(root / "tokenizer-src").save_pretrained(root / "pipeline")
-    return root / "pipeline"
+    return save_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), build_tiny_sdxl_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD3 pipeline folder without T5, as `save_pretrained` writes it."""
-    root = tmp_path_factory.mktemp("tiny-sd3")
-    build_tiny_sd3_pipeline(root / "tokenizer-src").save_pretrained(root / "pipeline")
-    return root / "pipeline"
+    return save_pipeline(tmp_path_factory.mktemp("tiny-sd3"), build_tiny_sd3_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_lcm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LCM pipeline folder, as `save_pretrained` writes it."""
-    root = tmp_path_factory.mktemp("tiny-lcm")
-    build_tiny_pipeline(root / "tokenizer-src").save_pretrained(root / "pipeline")
-    return root / "pipeline"
+    return save_pipeline(tmp_path_factory.mktemp("tiny-lcm"), build_tiny_pipeline)
 
 
 # ---- Tiny causal LMs for the text policy and text rewards ----

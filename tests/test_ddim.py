@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from rebel_diffusion.policies.ddim import DDIMPolicy, ddim_step
-from test_lcm import image_rounding_tolerance
+from test_lcm import image_rounding_tolerance, perturb_lora
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
 STEPS, GUIDANCE, ETA = 4, 5.0, 1.0
@@ -42,13 +42,6 @@ def make_policy(path, family: str, **options) -> DDIMPolicy:
     test's time; the tests that name `from_pretrained` and the trainer's load it the user's way)."""
     options = {"num_steps": STEPS, "guidance_scale": GUIDANCE, "resolution": 32, "eta": ETA, **options}
     return DDIMPolicy(copy.deepcopy(_loaded(str(path), family)), **options)
-
-
-def perturb_lora(policy: DDIMPolicy, scale: float = 0.05) -> None:
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def pipeline_images(pipeline, prompts, seed, eta=ETA, guidance_scale=GUIDANCE):
@@ -258,63 +251,23 @@ def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_eta_zero_
                                                   ("sd", "grpo", ()), ("sd", "rloo", (2, 2)),
                                                   ("sd", "online_dpo", (0, 1)), ("sdxl", "rebel", (1, 2))])
 def test_per_step_gradients_equal_the_full_graph(request, family, name, window):
-    from accelerate import Accelerator
+    from test_trainer import assert_chunked_gradients_equal_full_graph
 
-    import rebel_diffusion.trainer as trainer
-    from configs.base import get_config
-    from rebel_diffusion.algorithms import ALGORITHMS
-    from test_trainer import _full_graph_loss, _grads, _zero_grads
-
-    algorithm, config = ALGORITHMS[name], get_config()
-    config.kl_coef = 0.0 if algorithm.kl_in_reward else 0.3  # the KL loss term is part of the gradient checked
-    config.ppo.clip_range = config.grpo.clip_range = config.rloo.clip_range = 0.05
-    config.dpo.beta = 5.0
     torch.manual_seed(0)
     policy = make_policy(family_path(request, family), family, sde_window=window)
-    perturb_lora(policy)
-    batch = policy.sample(PROMPTS + PROMPTS[1:2], generator=torch.Generator().manual_seed(4))
-    perturb_lora(policy)  # moved after sampling: the log-ratios are not zero
-    targets = torch.randn(4, generator=torch.Generator().manual_seed(5))
-    _full_graph_loss(policy, algorithm, batch, targets, config).backward()
-    expected = _grads(policy)
-    _zero_grads(policy)
-    if algorithm.pair_loss is not None:
-        stats = trainer.pair_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config)
-    else:
-        stats = trainer.step_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config, 0)
-    assert torch.isfinite(stats["loss"]) and any(g.abs().sum() > 0 for g in expected)
-    # Chunked and full-graph backward add the steps' gradients in other orders; the last step's std (~2e-2) makes its
-    # 1 / std^2 terms far larger than a sum where steps cancel (as in test_flow_match). A missing step, a wrong sign or
-    # scale is off by O(1) of the max.
-    for got, want in zip(_grads(policy), expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert_chunked_gradients_equal_full_graph(policy, name, PROMPTS + PROMPTS[1:2], perturb_lora)
 
 
 def test_an_epoch_makes_the_floor_number_of_unet_calls_and_saves_a_loadable_lora(tiny_sd_path, tmp_path, monkeypatch):
     import rebel_diffusion.trainer as trainer
-    from test_trainer import read_metrics, tiny_config
+    from test_trainer import count_denoiser_calls, floor_denoiser_calls, read_metrics, tiny_config
 
-    calls, make = [], trainer.make_policy
-
-    def counting(*args, **kwargs):
-        policy = make(*args, **kwargs)
-        policy.unet.register_forward_pre_hook(lambda module, args: calls.append((len(args[0]), torch.is_grad_enabled())))
-        return policy
-
-    monkeypatch.setattr(trainer, "make_policy", counting)
+    calls = count_denoiser_calls(monkeypatch)
     config = tiny_config(tiny_sd_path, tmp_path, policy="ddim", num_epochs=1, **{
         "grid.num_prompts": 0, "model.num_steps": STEPS, "model.guidance_scale": GUIDANCE, "sample.sde_window": (1, 2)})
     run_dir = trainer.train(config)
-    k, cfg, window = 2, 2, 2  # REBEL's pairs; every call carries the unconditional and conditional batch
-    batches, prompts = config.sample.num_batches_per_epoch, config.sample.batch_size
-    micro_batches = batches * prompts // config.train.batch_size
-    # Sampling: every one of the 4 steps, the eta = 0 steps outside the window too, on each batch of k samples per prompt.
-    sampling = [(prompts * k * cfg, False)] * (STEPS * batches)
-    # At kl_coef 0 the logged KL is estimated on kl_log_samples trajectories: policy and base at each window step.
-    kl_logging = [(config.kl_log_samples * cfg, False)] * (2 * window)
-    # Training: one forward (and backward) per window step of each micro-batch, not per step of the chain.
-    training = [(config.train.batch_size * k * cfg, True)] * (window * micro_batches)
-    assert calls == sampling + kl_logging + training
+    # Sampling runs all 4 steps (the eta = 0 steps too), training only the window's 2 per trajectory.
+    assert calls == floor_denoiser_calls(config, STEPS, window=2)
 
     metrics = read_metrics(run_dir)
     assert [m["epoch"] for m in metrics] == [0] and math.isfinite(metrics[0]["loss"])
@@ -345,10 +298,9 @@ def test_bad_ddim_options_are_one_line_before_loading(tiny_sd_path, tmp_path, ov
 
 
 def save_sdxl_without_second_encoder(root):
-    from conftest import build_tiny_sdxl_pipeline
+    from conftest import build_tiny_sdxl_pipeline, save_pipeline
 
-    build_tiny_sdxl_pipeline(root / "tokenizer-src", second_encoder=False).save_pretrained(root / "no-te2")
-    return root / "no-te2"
+    return save_pipeline(root, build_tiny_sdxl_pipeline, second_encoder=False)
 
 
 def test_another_family_sdxl_without_text_encoder_2_and_ddim_keys_on_lcm_are_one_line(tiny_lcm_path, tmp_path):

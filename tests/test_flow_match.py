@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from rebel_diffusion.policies.flow_match import FlowMatchPolicy, cps_step, flow_sde_step, ode_step
-from test_lcm import image_rounding_tolerance
+from test_lcm import image_rounding_tolerance, perturb_lora
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
 STEPS, GUIDANCE = 4, 4.5
@@ -27,13 +27,6 @@ def make_policy(path, **options) -> FlowMatchPolicy:
 @functools.lru_cache(maxsize=1)
 def _loaded(path: str) -> StableDiffusion3Pipeline:
     return load_pipeline(path)
-
-
-def perturb_lora(policy: FlowMatchPolicy, scale: float = 0.05) -> None:
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def pipeline_images(pipeline, prompts, seed, guidance_scale=GUIDANCE):
@@ -322,66 +315,22 @@ def test_the_command_line_parses_the_window_and_exits_2_with_one_line(tiny_sd3_p
 @pytest.mark.parametrize("name, window", [("rebel", ()), ("rebel", (1, 2)), ("ppo", (1, 2)),
                                           ("grpo", ()), ("rloo", (2, 2))])
 def test_per_step_gradients_equal_the_full_graph(tiny_sd3_path, name, window):
-    from accelerate import Accelerator
+    from test_trainer import assert_chunked_gradients_equal_full_graph
 
-    import rebel_diffusion.trainer as trainer
-    from configs.base import get_config
-    from rebel_diffusion.algorithms import ALGORITHMS
-    from test_trainer import _full_graph_loss, _grads, _zero_grads
-
-    algorithm, config = ALGORITHMS[name], get_config()
-    config.kl_coef = 0.0 if algorithm.kl_in_reward else 0.3  # the KL loss term is part of the gradient checked
-    config.ppo.clip_range = config.grpo.clip_range = config.rloo.clip_range = 0.05
-    config.dpo.beta = 5.0
     torch.manual_seed(0)
     policy = make_policy(tiny_sd3_path, sde="flow_sde", sde_window=window)
-    perturb_lora(policy)
-    batch = policy.sample(PROMPTS + PROMPTS[1:2], generator=torch.Generator().manual_seed(4))
-    perturb_lora(policy)  # moved after sampling: the log-ratios are not zero
-    targets = torch.randn(4, generator=torch.Generator().manual_seed(5))
-    _full_graph_loss(policy, algorithm, batch, targets, config).backward()
-    expected = _grads(policy)
-    _zero_grads(policy)
-    if algorithm.pair_loss is not None:
-        stats = trainer.pair_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config)
-    else:
-        stats = trainer.step_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config, 0)
-    assert torch.isfinite(stats["loss"]) and any(g.abs().sum() > 0 for g in expected)
-    # Chunked and full-graph backward add the steps' gradients in other orders. The late flow_sde steps have stds of
-    # ~6e-3, whose 1 / std^2 makes their gradients far larger than the sum where steps cancel: a few elements differ by
-    # up to 2e-5 of the tensor's largest (measured: 3 of 256 at 8.5e-9 against a max of 4e-4). A missing step, a wrong
-    # sign or scale is off by O(1) of the max.
-    for got, want in zip(_grads(policy), expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert_chunked_gradients_equal_full_graph(policy, name, PROMPTS + PROMPTS[1:2], perturb_lora)
 
 
 def test_an_epoch_makes_the_floor_number_of_transformer_calls(tiny_sd3_path, tmp_path, monkeypatch):
     import rebel_diffusion.trainer as trainer
-    from test_trainer import tiny_config
+    from test_trainer import count_denoiser_calls, floor_denoiser_calls, tiny_config
 
-    calls, make = [], trainer.make_policy
-
-    def counting(*args, **kwargs):
-        policy = make(*args, **kwargs)
-        policy.transformer.register_forward_pre_hook(
-            lambda module, args, kwargs: calls.append((len(kwargs["hidden_states"]), torch.is_grad_enabled())),
-            with_kwargs=True)
-        return policy
-
-    monkeypatch.setattr(trainer, "make_policy", counting)
+    calls = count_denoiser_calls(monkeypatch)
     config = tiny_config(tiny_sd3_path, tmp_path, policy="flow_match", num_epochs=1, **{
         "grid.num_prompts": 0, "model.num_steps": STEPS, "model.guidance_scale": GUIDANCE, "sample.sde_window": (1, 2)})
     trainer.train(config)
-    k, cfg, window = 2, 2, 2  # REBEL's pairs; every call carries the unconditional and conditional batch
-    batches, prompts = config.sample.num_batches_per_epoch, config.sample.batch_size
-    micro_batches = batches * prompts // config.train.batch_size
-    # Sampling: every one of the 4 steps, the ODE steps outside the window too, on each batch of k samples per prompt.
-    sampling = [(prompts * k * cfg, False)] * (STEPS * batches)
-    # At kl_coef 0 the logged KL is estimated on kl_log_samples trajectories: policy and base at each window step.
-    kl_logging = [(config.kl_log_samples * cfg, False)] * (2 * window)
-    # Training: one forward (and backward) per window step of each micro-batch, not per step of the chain.
-    training = [(config.train.batch_size * k * cfg, True)] * (window * micro_batches)
-    assert calls == sampling + kl_logging + training
+    assert calls == floor_denoiser_calls(config, STEPS, window=2)
 
 
 def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(tiny_sd3_path):

@@ -29,9 +29,9 @@ from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
 from ml_collections import ConfigDict
 from peft import LoraConfig
 
-from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, freeze_and_add_lora, load_pipeline,
-                                                load_unet_lora, model_index, parse_window, predicted_original_sample,
-                                                save_unet_lora)
+from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_options, config_options,
+                                                freeze_and_add_lora, load_pipeline, load_unet_lora, model_index,
+                                                parse_window, predicted_original_sample, save_unet_lora)
 from rebel_diffusion.policies.lcm import LORA_TARGETS
 
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
@@ -137,10 +137,7 @@ class DDIMPolicy(WindowedDiffusionPolicy):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if logprob_reduction not in ("mean", "sum"):
-            raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {logprob_reduction!r}")
-        if decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size must be at least 1, got {decode_batch_size}")
+        check_options(logprob_reduction, decode_batch_size)
         self.window_start, self.window_size = resolve_window(eta, sde_window, num_steps)
         if not isinstance(pipeline, tuple(PIPELINES.values())):
             raise ValueError(f"a {type(pipeline).__name__} is not a StableDiffusionPipeline or StableDiffusionXLPipeline")
@@ -227,15 +224,8 @@ class DDIMPolicy(WindowedDiffusionPolicy):
         """The policy a training config describes (`model.*`, `lora.*`, `resolution`, `sample.eta`,
         `sample.sde_window`, `sample.decode_batch_size`, `train.gradient_checkpointing`)."""
         cls.check_config(config)
-        targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()) or LORA_TARGETS
-        return cls.from_pretrained(
-            config.model.pretrained, device=device, dtype=dtype, num_steps=config.model.num_steps,
-            guidance_scale=config.model.guidance_scale, resolution=config.resolution, eta=config.sample.eta,
-            sde_window=tuple(config.sample.sde_window), logprob_reduction=config.model.logprob_reduction,
-            lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, lora_init=config.lora.init, lora_targets=targets,
-            decode_batch_size=config.sample.get("decode_batch_size", 4),
-            gradient_checkpointing=config.train.get("gradient_checkpointing", False),
-        )
+        return cls.from_pretrained(config.model.pretrained, device=device, dtype=dtype, eta=config.sample.eta,
+                                   sde_window=tuple(config.sample.sde_window), **config_options(config, LORA_TARGETS))
 
     def _encode_with_negative(self, prompt: str) -> tuple[torch.Tensor, ...]:
         """(embeds `(1, L, D)`, negative `(1, L, D)`, pooled `(1, P)`, negative pooled `(1, P)`) from the pipeline's

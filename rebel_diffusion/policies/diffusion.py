@@ -19,6 +19,7 @@ import torch
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
+from ml_collections import ConfigDict
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
@@ -131,6 +132,27 @@ def load_pipeline(pipeline_class: type, path: str, dtype: torch.dtype, **compone
         raise FileNotFoundError(f"cannot load model {path!r}: {first_line}") from e
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def check_options(logprob_reduction: str, decode_batch_size: int) -> None:
+    """`ValueError` for the options every diffusion policy takes: the log-prob reduction and the VAE's slice size."""
+    if logprob_reduction not in ("mean", "sum"):
+        raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {logprob_reduction!r}")
+    if decode_batch_size < 1:
+        raise ValueError(f"decode_batch_size must be at least 1, got {decode_batch_size}")
+
+
+def config_options(config: ConfigDict, lora_targets: tuple[str, ...]) -> dict:
+    """The `from_pretrained` options every diffusion policy reads from a training config: `model.num_steps`,
+    `model.guidance_scale`, `resolution`, `model.logprob_reduction`, `lora.*` (`lora.targets` "" = `lora_targets`),
+    `sample.decode_batch_size` and `train.gradient_checkpointing`."""
+    targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()) or lora_targets
+    return dict(
+        num_steps=config.model.num_steps, guidance_scale=config.model.guidance_scale, resolution=config.resolution,
+        logprob_reduction=config.model.logprob_reduction, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
+        lora_init=config.lora.init, lora_targets=targets, decode_batch_size=config.sample.get("decode_batch_size", 4),
+        gradient_checkpointing=config.train.get("gradient_checkpointing", False),
+    )
 
 
 def model_index(path: str | Path) -> dict:

@@ -28,8 +28,9 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from ml_collections import ConfigDict
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, freeze_and_add_lora, load_pipeline,
-                                                model_index, parse_window, pipeline_class_name)
+from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_options, config_options,
+                                                freeze_and_add_lora, load_pipeline, model_index, parse_window,
+                                                pipeline_class_name)
 
 # The joint attention's image and text projections (Flow-GRPO's targets for SD3.5).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -176,10 +177,7 @@ class FlowMatchPolicy(WindowedDiffusionPolicy):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if logprob_reduction not in ("mean", "sum"):
-            raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {logprob_reduction!r}")
-        if decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size must be at least 1, got {decode_batch_size}")
+        check_options(logprob_reduction, decode_batch_size)
         self.window_start, self.window_size = resolve_window(sde, noise_level, sde_window, num_steps)
         if not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"the pipeline's scheduler is a {type(pipeline.scheduler).__name__}, not the "
@@ -246,15 +244,9 @@ class FlowMatchPolicy(WindowedDiffusionPolicy):
         """The policy a training config describes (`model.*`, `lora.*`, `resolution`, `sample.sde*`,
         `sample.noise_level`, `sample.decode_batch_size`, `train.gradient_checkpointing`)."""
         cls.check_config(config)
-        targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()) or LORA_TARGETS
-        return cls.from_pretrained(
-            config.model.pretrained, device=device, dtype=dtype, num_steps=config.model.num_steps,
-            guidance_scale=config.model.guidance_scale, resolution=config.resolution, sde=config.sample.sde,
-            noise_level=config.sample.noise_level, sde_window=tuple(config.sample.sde_window),
-            logprob_reduction=config.model.logprob_reduction, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
-            lora_init=config.lora.init, lora_targets=targets, decode_batch_size=config.sample.get("decode_batch_size", 4),
-            gradient_checkpointing=config.train.get("gradient_checkpointing", False),
-        )
+        return cls.from_pretrained(config.model.pretrained, device=device, dtype=dtype, sde=config.sample.sde,
+                                   noise_level=config.sample.noise_level, sde_window=tuple(config.sample.sde_window),
+                                   **config_options(config, LORA_TARGETS))
 
     def _encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(

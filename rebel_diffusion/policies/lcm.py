@@ -22,9 +22,9 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 # Re-exported: the LCM chain's Gaussian, its KL and the LoRA helpers were first written here.
-from rebel_diffusion.policies.diffusion import (ImageOutputs, _adapters_disabled, freeze_and_add_lora, gaussian_kl,
-                                                gaussian_log_prob, load_pipeline, load_unet_lora, merged_lora,
-                                                predicted_original_sample, save_unet_lora)
+from rebel_diffusion.policies.diffusion import (ImageOutputs, _adapters_disabled, check_options, config_options,
+                                                freeze_and_add_lora, gaussian_kl, gaussian_log_prob, load_pipeline,
+                                                load_unet_lora, merged_lora, predicted_original_sample, save_unet_lora)
 from rebel_diffusion.trajectory import Trajectory
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -113,12 +113,9 @@ class LCMPolicy(ImageOutputs):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if logprob_reduction not in ("mean", "sum"):
-            raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {logprob_reduction!r}")
+        check_options(logprob_reduction, decode_batch_size)
         if num_steps < 2:
             raise ValueError(f"num_steps must be at least 2 (one stochastic step), got {num_steps}")
-        if decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size must be at least 1, got {decode_batch_size}")
         scheduler = pipeline.scheduler
         if scheduler.config.get("thresholding", False):
             raise ValueError("LCMScheduler thresholding is not supported by LCMPolicy")
@@ -188,15 +185,8 @@ class LCMPolicy(ImageOutputs):
                     dtype: torch.dtype = torch.float32) -> LCMPolicy:
         """The policy a training config describes (`model.*`, `lora.*`, `resolution`, `sample.decode_batch_size`,
         `train.gradient_checkpointing`)."""
-        targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()) or LORA_TARGETS
-        return cls.from_pretrained(
-            config.model.pretrained, device=device, dtype=dtype, num_steps=config.model.num_steps,
-            guidance_scale=config.model.guidance_scale, resolution=config.resolution,
-            logprob_reduction=config.model.logprob_reduction, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
-            lora_init=config.lora.init, lora_targets=targets,
-            decode_batch_size=config.sample.get("decode_batch_size", 4),
-            gradient_checkpointing=config.train.get("gradient_checkpointing", False),
-        )
+        return cls.from_pretrained(config.model.pretrained, device=device, dtype=dtype,
+                                   **config_options(config, LORA_TARGETS))
 
     @property
     def num_actions(self) -> int:
