@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from rebel_diffusion.policies.ddim import DDIMPolicy, ddim_step
+from policy_checks import assert_kls_equal_torch_distributions, assert_recomputed_log_probs_equal_stored
 from test_lcm import image_rounding_tolerance, perturb_lora
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
@@ -160,15 +161,7 @@ def test_sampler_steps_follow_the_posterior_with_the_generators_noise(tiny_sd_pa
 def test_recomputed_log_probs_equal_stored(request, family, reduction, window):
     policy = make_policy(family_path(request, family), family, logprob_reduction=reduction, sde_window=window)
     perturb_lora(policy)
-    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(1))
-    assert trajectory.log_probs.shape == (3, policy.num_actions) and torch.isfinite(trajectory.log_probs).all()
-    assert policy.step_chunks() == [range(t, t + 1) for t in range(policy.num_actions)]
-    for steps in policy.step_chunks():
-        recomputed, kl = policy.log_prob(trajectory, steps)
-        assert recomputed.requires_grad and kl is None
-        # Sampled with the LoRA merged into W, re-scored unmerged: fp32 rounding; a "sum" over 256 dims is ~ 1e2-1e3.
-        torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, steps.start : steps.stop], atol=1e-4,
-                                   rtol=1e-5 if reduction == "sum" else 0)
+    assert_recomputed_log_probs_equal_stored(policy, PROMPTS, reduction)
 
 
 def test_the_window_runs_eta_zero_steps_outside_it(tiny_sd_path):
@@ -203,27 +196,17 @@ def test_k1_and_exact_kl_equal_torch_distributions_against_a_separate_base(tiny_
     embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(PROMPTS, device="cpu")
     time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]]).expand(6, -1)
     added = {"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": time_ids}
-    schedule, sampled, exact = alphas_cumprod(), [], []
-    with torch.no_grad():
-        _, kl = policy.log_prob(trajectory, range(policy.num_actions), with_kl=True)
-        for step, t in enumerate([751, 501]):
-            state, action = trajectory.states[:, step], trajectory.actions[:, step]
-            means = []
-            for unet in (policy.unet, pipeline.unet):
-                out = unet(torch.cat([state, state]), t, encoder_hidden_states=torch.cat([negative, embeds]),
-                           added_cond_kwargs=added).sample
-                u, c = out.chunk(2)
-                alpha_t, alpha_prev = (torch.tensor(schedule[i].item()) for i in (t, t - 250))
-                means.append(ddim_step(u + GUIDANCE * (c - u), state, alpha_t, alpha_prev, ETA))
-            (mean, std), (mean_ref, _) = means
-            pi, pi_ref = torch.distributions.Normal(mean, std), torch.distributions.Normal(mean_ref, std)
-            sampled.append((pi.log_prob(action) - pi_ref.log_prob(action)).flatten(1).mean(1))
-            exact.append(torch.distributions.kl_divergence(pi, pi_ref).flatten(1).mean(1))
-    sampled, exact = torch.stack(sampled, dim=1), torch.stack(exact, dim=1)
-    assert exact.min() > 0
-    torch.testing.assert_close(trajectory.kl, sampled, rtol=0, atol=2e-5)
-    torch.testing.assert_close(kl, exact, rtol=1e-4, atol=1e-7)
-    assert not torch.allclose(trajectory.kl, exact, rtol=1e-2, atol=0)
+    schedule = alphas_cumprod()
+
+    def gaussian(unet, step, state):
+        t = [751, 501][step]
+        out = unet(torch.cat([state, state]), t, encoder_hidden_states=torch.cat([negative, embeds]),
+                   added_cond_kwargs=added).sample
+        u, c = out.chunk(2)
+        alpha_t, alpha_prev = (torch.tensor(schedule[i].item()) for i in (t, t - 250))
+        return ddim_step(u + GUIDANCE * (c - u), state, alpha_t, alpha_prev, ETA)
+
+    assert_kls_equal_torch_distributions(policy, trajectory, pipeline.unet, gaussian)
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -251,7 +234,7 @@ def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_eta_zero_
                                                   ("sd", "grpo", ()), ("sd", "rloo", (2, 2)),
                                                   ("sd", "online_dpo", (0, 1)), ("sdxl", "rebel", (1, 2))])
 def test_per_step_gradients_equal_the_full_graph(request, family, name, window):
-    from test_trainer import assert_chunked_gradients_equal_full_graph
+    from policy_checks import assert_chunked_gradients_equal_full_graph
 
     torch.manual_seed(0)
     policy = make_policy(family_path(request, family), family, sde_window=window)
@@ -260,7 +243,8 @@ def test_per_step_gradients_equal_the_full_graph(request, family, name, window):
 
 def test_an_epoch_makes_the_floor_number_of_unet_calls_and_saves_a_loadable_lora(tiny_sd_path, tmp_path, monkeypatch):
     import rebel_diffusion.trainer as trainer
-    from test_trainer import count_denoiser_calls, floor_denoiser_calls, read_metrics, tiny_config
+    from policy_checks import count_denoiser_calls, floor_denoiser_calls
+    from test_trainer import read_metrics, tiny_config
 
     calls = count_denoiser_calls(monkeypatch)
     config = tiny_config(tiny_sd_path, tmp_path, policy="ddim", num_epochs=1, **{

@@ -11,6 +11,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from rebel_diffusion.policies.flow_match import FlowMatchPolicy, cps_step, flow_sde_step, ode_step
+from policy_checks import assert_kls_equal_torch_distributions, assert_recomputed_log_probs_equal_stored
 from test_lcm import image_rounding_tolerance, perturb_lora
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
@@ -153,15 +154,7 @@ def test_sampler_steps_follow_the_formulas_with_the_generators_noise(tiny_sd3_pa
 def test_recomputed_log_probs_equal_stored(tiny_sd3_path, sde, reduction, window):
     policy = make_policy(tiny_sd3_path, sde=sde, logprob_reduction=reduction, sde_window=window)
     perturb_lora(policy)
-    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(1))
-    assert trajectory.log_probs.shape == (3, policy.num_actions) and torch.isfinite(trajectory.log_probs).all()
-    assert policy.step_chunks() == [range(t, t + 1) for t in range(policy.num_actions)]
-    for steps in policy.step_chunks():
-        recomputed, kl = policy.log_prob(trajectory, steps)
-        assert recomputed.requires_grad and kl is None
-        # Sampled with the LoRA merged into W, re-scored unmerged: fp32 rounding; a "sum" over 256 dims is ~ 1e2-1e3.
-        torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, steps.start : steps.stop], atol=1e-4,
-                                   rtol=1e-5 if reduction == "sum" else 0)
+    assert_recomputed_log_probs_equal_stored(policy, PROMPTS, reduction)
 
 
 def test_the_window_runs_ode_steps_outside_it(tiny_sd3_path):
@@ -193,29 +186,15 @@ def test_k1_and_exact_kl_equal_torch_distributions_against_a_separate_base(tiny_
     embeds, pooled = policy._unpack(trajectory.conditioning)
     negative, negative_pooled = policy.pipeline.encode_prompt([""] * 3, None, None, do_classifier_free_guidance=False,
                                                               max_sequence_length=256)[::2]
-    sampled, exact = [], []
-    with torch.no_grad():
-        _, kl = policy.log_prob(trajectory, range(policy.num_actions), with_kl=True)
-        for step in range(policy.num_actions):
-            state, action = trajectory.states[:, step], trajectory.actions[:, step]
-            t = policy.timesteps[step].expand(6)
-            means = []
-            for transformer in (policy.transformer, base):
-                out = transformer(hidden_states=torch.cat([state, state]), timestep=t,
-                                  encoder_hidden_states=torch.cat([negative, embeds]),
-                                  pooled_projections=torch.cat([negative_pooled, pooled])).sample
-                u, c = out.chunk(2)
-                means.append(flow_sde_step(u + GUIDANCE * (c - u), state, policy.sigmas[step], policy.sigmas[step + 1],
-                                           0.7))
-            (mean, std), (mean_ref, _) = means
-            pi, pi_ref = torch.distributions.Normal(mean, std), torch.distributions.Normal(mean_ref, std)
-            sampled.append((pi.log_prob(action) - pi_ref.log_prob(action)).flatten(1).mean(1))
-            exact.append(torch.distributions.kl_divergence(pi, pi_ref).flatten(1).mean(1))
-    sampled, exact = torch.stack(sampled, dim=1), torch.stack(exact, dim=1)
-    assert exact.min() > 0
-    torch.testing.assert_close(trajectory.kl, sampled, rtol=0, atol=2e-5)
-    torch.testing.assert_close(kl, exact, rtol=1e-4, atol=1e-7)
-    assert not torch.allclose(trajectory.kl, exact, rtol=1e-2, atol=0)
+
+    def gaussian(transformer, step, state):
+        out = transformer(hidden_states=torch.cat([state, state]), timestep=policy.timesteps[step].expand(6),
+                          encoder_hidden_states=torch.cat([negative, embeds]),
+                          pooled_projections=torch.cat([negative_pooled, pooled])).sample
+        u, c = out.chunk(2)
+        return flow_sde_step(u + GUIDANCE * (c - u), state, policy.sigmas[step], policy.sigmas[step + 1], 0.7)
+
+    assert_kls_equal_torch_distributions(policy, trajectory, base, gaussian)
 
 
 def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_ode_images(tiny_sd3_path, tmp_path):
@@ -315,7 +294,7 @@ def test_the_command_line_parses_the_window_and_exits_2_with_one_line(tiny_sd3_p
 @pytest.mark.parametrize("name, window", [("rebel", ()), ("rebel", (1, 2)), ("ppo", (1, 2)),
                                           ("grpo", ()), ("rloo", (2, 2))])
 def test_per_step_gradients_equal_the_full_graph(tiny_sd3_path, name, window):
-    from test_trainer import assert_chunked_gradients_equal_full_graph
+    from policy_checks import assert_chunked_gradients_equal_full_graph
 
     torch.manual_seed(0)
     policy = make_policy(tiny_sd3_path, sde="flow_sde", sde_window=window)
@@ -324,7 +303,8 @@ def test_per_step_gradients_equal_the_full_graph(tiny_sd3_path, name, window):
 
 def test_an_epoch_makes_the_floor_number_of_transformer_calls(tiny_sd3_path, tmp_path, monkeypatch):
     import rebel_diffusion.trainer as trainer
-    from test_trainer import count_denoiser_calls, floor_denoiser_calls, tiny_config
+    from policy_checks import count_denoiser_calls, floor_denoiser_calls
+    from test_trainer import tiny_config
 
     calls = count_denoiser_calls(monkeypatch)
     config = tiny_config(tiny_sd3_path, tmp_path, policy="flow_match", num_epochs=1, **{

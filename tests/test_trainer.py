@@ -402,67 +402,6 @@ def _full_graph_loss(policy, algorithm, batch, targets, config):
     return loss.mean() if algorithm.step_reduction == "mean" else loss.sum(dim=1).mean()
 
 
-def assert_chunked_gradients_equal_full_graph(policy, name: str, prompts: list[str], perturb) -> None:
-    """For a diffusion policy with a window of steps (flow, DDIM): the trainer's gradients of algorithm `name`, one step
-    graph at a time, equal `_full_graph_loss`'s on a batch sampled from the 4 `prompts`. `perturb(policy)` moves the
-    LoRA weights, before sampling and after it (so that the log-ratios are not zero)."""
-    from accelerate import Accelerator
-
-    algorithm, config = ALGORITHMS[name], get_config()
-    config.kl_coef = 0.0 if algorithm.kl_in_reward else 0.3  # the KL loss term is part of the gradient checked
-    config.ppo.clip_range = config.grpo.clip_range = config.rloo.clip_range = 0.05
-    config.dpo.beta = 5.0
-    perturb(policy)
-    batch = policy.sample(prompts, generator=torch.Generator().manual_seed(4))
-    perturb(policy)
-    targets = torch.randn(4, generator=torch.Generator().manual_seed(5))
-    _full_graph_loss(policy, algorithm, batch, targets, config).backward()
-    expected = _grads(policy)
-    _zero_grads(policy)
-    if algorithm.pair_loss is not None:
-        stats = trainer.pair_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config)
-    else:
-        stats = trainer.step_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config, 0)
-    assert torch.isfinite(stats["loss"]) and any(g.abs().sum() > 0 for g in expected)
-    # Chunked and full-graph backward add the steps' gradients in other orders. The late steps have small stds (flow_sde
-    # ~6e-3, DDIM's last ~2e-2), whose 1 / std^2 makes their gradients far larger than the sum where steps cancel: a few
-    # elements differ by up to 2e-5 of the tensor's largest (measured on flow_sde: 3 of 256 at 8.5e-9 against a max of
-    # 4e-4). A missing step, a wrong sign or scale is off by O(1) of the max.
-    for got, want in zip(_grads(policy), expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-
-
-def count_denoiser_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
-    """The (batch size, grad enabled) of every call of the policy's `denoiser` that `trainer.train` makes from now on
-    (its first input, positional for a UNet, `hidden_states=` for a transformer)."""
-    calls, make = [], trainer.make_policy
-
-    def counting(*args, **kwargs):
-        policy = make(*args, **kwargs)
-        policy.denoiser.register_forward_pre_hook(
-            lambda module, args, kwargs: calls.append((len(args[0] if args else kwargs["hidden_states"]),
-                                                       torch.is_grad_enabled())), with_kwargs=True)
-        return policy
-
-    monkeypatch.setattr(trainer, "make_policy", counting)
-    return calls
-
-
-def floor_denoiser_calls(config, num_steps: int, window: int) -> list[tuple[int, bool]]:
-    """What `count_denoiser_calls` must see in one REBEL epoch at kl_coef 0 of a guided diffusion policy whose
-    `window` of its `num_steps` steps are actions, with no sample grids."""
-    k, cfg = 2, 2  # REBEL's pairs; every call carries the unconditional and conditional batch
-    batches, prompts = config.sample.num_batches_per_epoch, config.sample.batch_size
-    micro_batches = batches * prompts // config.train.batch_size
-    # Sampling: every step, the deterministic ones outside the window too, on each batch of k samples per prompt.
-    sampling = [(prompts * k * cfg, False)] * (num_steps * batches)
-    # At kl_coef 0 the logged KL is estimated on kl_log_samples trajectories: policy and base at each window step.
-    kl_logging = [(config.kl_log_samples * cfg, False)] * (2 * window)
-    # Training: one forward (and backward) per window step of each micro-batch, not per step of the chain.
-    training = [(config.train.batch_size * k * cfg, True)] * (window * micro_batches)
-    return sampling + kl_logging + training
-
-
 @pytest.mark.parametrize("name, num_pairs", [("rebel", 1), ("rebel", 3), ("online_dpo", 2), ("ppo", 2), ("grpo", 2),
                                              ("rloo", 2)])
 def test_per_step_gradients_equal_the_full_graph(tiny_lcm_path, name, num_pairs):
