@@ -24,6 +24,18 @@ def assert_recomputed_log_probs_equal_stored(policy, prompts: list[str], reducti
                                    rtol=1e-5 if reduction == "sum" else 0)
 
 
+def assert_bf16_keeps_lora_float32_and_log_probs_recomputable(policy, prompts: list[str]) -> None:
+    """With bf16 frozen weights (`policy` built with `dtype=torch.bfloat16`) the LoRA weights stay float32, nothing is
+    merged for sampling, and the log-probs are finite and recomputable."""
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    assert policy.denoiser.dtype == torch.bfloat16 and policy.vae.dtype == torch.bfloat16
+    assert not policy.merge_for_sampling  # a fp32 LoRA merged into bf16 weights would round W + delta
+    trajectory = policy.sample(prompts, generator=torch.Generator().manual_seed(0))
+    assert trajectory.log_probs.dtype == torch.float32 and torch.isfinite(trajectory.log_probs).all()
+    recomputed, _ = policy.log_prob(trajectory, range(0, 1))
+    torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, :1], atol=1e-5, rtol=0)
+
+
 def assert_kls_equal_torch_distributions(policy, trajectory, base: torch.nn.Module, gaussian) -> None:
     """`trajectory.kl` (sampled `with_kl`) is the sampled log-ratio to the reference (k1) and the KL of
     `policy.log_prob(..., with_kl=True)` the exact Gaussian KL, both as `torch.distributions` compute them (mean over

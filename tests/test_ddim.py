@@ -12,7 +12,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from rebel_diffusion.policies.ddim import DDIMPolicy, ddim_step
-from policy_checks import assert_kls_equal_torch_distributions, assert_recomputed_log_probs_equal_stored
+from policy_checks import (assert_bf16_keeps_lora_float32_and_log_probs_recomputable,
+                           assert_kls_equal_torch_distributions, assert_recomputed_log_probs_equal_stored)
 from test_lcm import image_rounding_tolerance, perturb_lora
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
@@ -117,6 +118,27 @@ def test_ddim_step_at_eta_zero_is_deterministic_ddim():
     x0 = [math.sqrt(2) * 0.5 - 0.2, -math.sqrt(2) - 0.3]
     expected = [math.sqrt(0.8) * x0[0] + math.sqrt(0.2) * 0.2, math.sqrt(0.8) * x0[1] + math.sqrt(0.2) * 0.3]
     torch.testing.assert_close(mean.flatten(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_ddim_step_clamps_x0_but_not_eps_as_the_scheduler_does():
+    mean, _ = ddim_step(EPS, X, ALPHA_T, ALPHA_PREV, 0.6, clip_sample_range=1.0)
+    # x0 = (0.507107, -1.714214) clamped to (0.507107, -1); eps stays (0.2, 0.3)
+    x0 = [math.sqrt(2) * 0.5 - 0.2, -1.0]
+    expected = [math.sqrt(0.8) * x0[0] + math.sqrt(0.146) * 0.2, math.sqrt(0.8) * x0[1] + math.sqrt(0.146) * 0.3]
+    torch.testing.assert_close(mean.flatten(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_a_scheduler_with_clip_sample_is_followed(tiny_sd_path):
+    pipeline = copy.deepcopy(_loaded(str(tiny_sd_path), "sd"))
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=True)
+    policy = DDIMPolicy(pipeline, num_steps=STEPS, guidance_scale=GUIDANCE, resolution=32, eta=ETA)
+    assert policy.clip_sample_range == 1.0
+    trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(trajectory.outputs, pipeline_images(policy.pipeline, PROMPTS[:2], 8),
+                               atol=tolerance(pipeline), rtol=0)
+    # The tiny UNet's x0 leaves [-1, 1] at the noisy steps: without the clamp the images differ.
+    unclipped = pipeline_images(_loaded(str(tiny_sd_path), "sd"), PROMPTS[:2], 8)
+    assert (unclipped - trajectory.outputs).abs().max() > 1e-3
 
 
 def test_each_step_pairs_its_timestep_with_the_next_and_the_last_with_the_final_alpha(tiny_sd_path):
@@ -262,6 +284,11 @@ def test_an_epoch_makes_the_floor_number_of_unet_calls_and_saves_a_loadable_lora
     pipeline.load_lora_weights(checkpoint)
     assert any("lora" in n for n, _ in pipeline.unet.named_parameters())
     assert json.loads((run_dir / "config.json").read_text())["sample"]["eta"] == 1.0
+
+
+def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(tiny_sd_path):
+    policy = make_policy(tiny_sd_path, "sd", dtype=torch.bfloat16)
+    assert_bf16_keeps_lora_float32_and_log_probs_recomputable(policy, PROMPTS[:2])
 
 
 @pytest.mark.parametrize("overrides, message", [

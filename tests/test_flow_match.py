@@ -11,7 +11,8 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from rebel_diffusion.policies.flow_match import FlowMatchPolicy, cps_step, flow_sde_step, ode_step
-from policy_checks import assert_kls_equal_torch_distributions, assert_recomputed_log_probs_equal_stored
+from policy_checks import (assert_bf16_keeps_lora_float32_and_log_probs_recomputable,
+                           assert_kls_equal_torch_distributions, assert_recomputed_log_probs_equal_stored)
 from test_lcm import image_rounding_tolerance, perturb_lora
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
@@ -315,10 +316,4 @@ def test_an_epoch_makes_the_floor_number_of_transformer_calls(tiny_sd3_path, tmp
 
 def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(tiny_sd3_path):
     policy = make_policy(tiny_sd3_path, sde="cps", noise_level=0.5, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
-    assert policy.transformer.dtype == torch.bfloat16 and policy.vae.dtype == torch.bfloat16
-    assert not policy.merge_for_sampling  # a fp32 LoRA merged into bf16 weights would round W + delta
-    trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(0))
-    assert trajectory.log_probs.dtype == torch.float32 and torch.isfinite(trajectory.log_probs).all()
-    recomputed, _ = policy.log_prob(trajectory, range(0, 1))
-    torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, :1], atol=1e-5, rtol=0)
+    assert_bf16_keeps_lora_float32_and_log_probs_recomputable(policy, PROMPTS[:2])
