@@ -331,6 +331,8 @@ def test_another_family_sdxl_without_text_encoder_2_and_ddim_keys_on_lcm_are_one
         DDIMPolicy.from_pretrained(tiny_lcm_path)
     with pytest.raises(ValueError, match="without text_encoder_2"):
         DDIMPolicy.from_pretrained(no_te2)
+    with pytest.raises(FileNotFoundError, match="is neither an existing folder nor a Hugging Face Hub id"):
+        DDIMPolicy.from_pretrained(tmp_path / "missing")
 
 
 @pytest.mark.slow  # two interpreter start-ups, ~25 s on 2 cores; validate_config's messages are tested above

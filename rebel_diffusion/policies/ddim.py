@@ -29,9 +29,10 @@ from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
 from ml_collections import ConfigDict
 from peft import LoraConfig
 
-from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_options, config_options,
-                                                freeze_and_add_lora, load_pipeline, load_unet_lora, model_index,
-                                                parse_window, predicted_original_sample, save_unet_lora)
+from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_model_path, check_options,
+                                                config_options, first_line, freeze_and_add_lora, load_pipeline,
+                                                load_unet_lora, model_index, parse_window, predicted_original_sample,
+                                                save_unet_lora)
 from rebel_diffusion.policies.lcm import LORA_TARGETS
 
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
@@ -195,13 +196,14 @@ class DDIMPolicy(WindowedDiffusionPolicy):
     ) -> DDIMPolicy:
         """Load an SD 1.5-style or SDXL pipeline (a Hub id or a local folder) and wrap it; `options` as in __init__."""
         path = str(model_id_or_path)
+        check_model_path(path)
         name = check_pipeline_family(path)
         resolve_window(options.get("eta", 1.0), options.get("sde_window", ()), options.get("num_steps", 50))
-        if name is None:  # a Hub id: its model_index.json says the class
+        if name is None:  # a Hub id (or a folder without model_index.json): its model_index.json says the class
             try:
                 name = DiffusionPipeline.load_config(path)["_class_name"]
             except (OSError, ValueError, KeyError) as e:
-                raise FileNotFoundError(f"cannot load model {path!r}: {str(e).strip().splitlines()[0]}") from e
+                raise FileNotFoundError(f"cannot load model {path!r}: {first_line(e)}") from e
             if name not in PIPELINES:
                 raise ValueError(f"model {path!r} is a {name}, not a StableDiffusionPipeline or StableDiffusionXLPipeline")
         pipeline = load_pipeline(PIPELINES[name], path, dtype, **LOAD_OPTIONS[name])

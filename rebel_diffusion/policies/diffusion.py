@@ -117,19 +117,29 @@ def merged_lora(sites: list[LoraSite]) -> Iterator[None]:
             layer.get_base_layer().weight.data = data
             setattr(parent, attribute, layer)
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for a one-line report."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_model_path(path: str) -> None:
+    """`FileNotFoundError` (one line) for a model path that is neither an existing folder nor a Hub id."""
+    if not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"model {path!r} is neither an existing folder nor a Hugging Face Hub id (owner/name)")
+
+
 def load_pipeline(pipeline_class: type, path: str, dtype: torch.dtype, **components):
     """`pipeline_class.from_pretrained` on a local folder or a Hub id, with its progress bar off.
 
     Raises `FileNotFoundError` (one line) for a path that is neither, or a folder diffusers cannot load.
     """
+    check_model_path(path)
     local = Path(path).expanduser()
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise FileNotFoundError(f"model {path!r} is neither an existing folder nor a Hugging Face Hub id (owner/name)")
     try:
         pipeline = pipeline_class.from_pretrained(str(local) if local.exists() else path, dtype=dtype, **components)
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"cannot load model {path!r}: {first_line}") from e
+        raise FileNotFoundError(f"cannot load model {path!r}: {first_line(e)}") from e
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
