@@ -1,5 +1,6 @@
 """Performance ratios, each measured within one run: the samplers against their libraries, each algorithm's update
-against its floor of UNet passes, update memory against the horizon, and an epoch against its floor.
+against its floor of UNet passes, update memory against the horizon, an epoch against its floor, and an epoch with its
+reward served by another process against in-process.
 
     OMP_NUM_THREADS=1 python benchmarks/bench.py              # tiny LCM + SD-1.5-shaped UNet at 64 px, CPU
     python benchmarks/bench.py --quick                         # the smoke test: tiny models, one round, batch 2
@@ -41,6 +42,7 @@ from rebel_diffusion.algorithms import ALGORITHMS  # noqa: E402
 from rebel_diffusion.policies.causal_lm import CausalLMPolicy  # noqa: E402
 from rebel_diffusion.policies.lcm import LCMPolicy, merged_lora, peak_memory_mb  # noqa: E402
 from rebel_diffusion.rewards import make_reward_fn, register_reward  # noqa: E402
+from rebel_diffusion.serve_reward import serve_in_subprocess  # noqa: E402
 from rebel_diffusion.tokenizer import build_clip_tokenizer  # noqa: E402
 from rebel_diffusion.trainer import pair_loss_gradients, step_loss_gradients, train  # noqa: E402
 from rebel_diffusion.trajectory import Trajectory  # noqa: E402
@@ -148,10 +150,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def medians(cases: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, Timing]:
-    """Seconds per case over `repeats` round-robin rounds, after one untimed warm-up call of each: a `Timing` each,
-    whose value is the median and whose ratios to the other cases are taken round by round."""
-    for run in cases.values():
+def medians(cases: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+            warm_up: bool = True) -> dict[str, Timing]:
+    """Seconds per case over `repeats` round-robin rounds, after one untimed warm-up call of each (unless not
+    `warm_up`): a `Timing` each, whose value is the median and whose ratios to the other cases are taken round by
+    round."""
+    for run in cases.values() if warm_up else ():
         run()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
@@ -542,6 +546,43 @@ def overlap_rows(repeats: int, quick: bool) -> list[Row]:
              f"{ms(seconds[True])} / {ms(seconds[False])}", "< 1")]
 
 
+def remote_rows(repeats: int, quick: bool) -> list[Row]:
+    """A 1-epoch REBEL run with `shape_fidelity` served by `python -m rebel_diffusion.serve_reward` in another process
+    (`reward.name` its URL) against the same reward in the trainer's process, with `sample.overlap_reward` on and off:
+    each case's `seconds` over the in-process run with overlap on, the default setting."""
+    batches = 2 if quick else 4
+    with tempfile.TemporaryDirectory() as logdir, serve_in_subprocess(
+            ["--reward", "shape_fidelity", "--device", "cpu"], Path(logdir) / "server.log",
+            env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}) as url:
+        runs: dict[tuple[str, bool], list[Path]] = {(where, overlap): [] for where in ("local", "served")
+                                                   for overlap in (True, False)}
+
+        def epoch(where: str, overlap: bool) -> Callable[[], None]:
+            def run() -> None:
+                config = epoch_config(Path(logdir), f"{where}{overlap}_{len(runs[where, overlap])}", quick)
+                config.prompt_file = str(REPO / "assets" / "quickstart_prompts.txt")  # shapes captions, as it reads
+                config.reward.name = url if where == "served" else "shape_fidelity"
+                config.sample.num_batches_per_epoch = batches
+                config.sample.overlap_reward = overlap
+                with contextlib.redirect_stdout(sys.stderr):
+                    runs[where, overlap].append(train(config))
+
+            return run
+
+        # --quick judges nothing (one round): its runs skip the warm-up, each a whole trainer run of its own.
+        medians({f"{where} {overlap}": epoch(where, overlap) for where, overlap in runs}, repeats, torch.device("cpu"),
+                warm_up=not quick)
+        seconds = {case: Timing([json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["seconds"]
+                                 for run in found[0 if quick else 1:]])
+                   for case, found in runs.items()}
+    reference = seconds["local", True]
+    named = {("served", True): "served, overlap on", ("served", False): "served, overlap off",
+             ("local", False): "in-process, overlap off"}
+    return [("tiny LCM", f"rebel epoch, shape_fidelity {what} / in-process, overlap on ({batches} batches; the server "
+             "a `serve_reward` subprocess on the same CPU)", seconds[case] / reference,
+             f"{ms(seconds[case])} / {ms(reference)}", "") for case, what in named.items()]
+
+
 # ---- (e) the text sampler ----
 
 
@@ -643,6 +684,7 @@ def main(argv: list[str] | None = None) -> str:
     table.add(update_rows("tiny LCM", policy, accelerator, list(ALGORITHMS), repeats))
     table.add(epoch_rows(policy, repeats, args.quick))
     table.add(overlap_rows(repeats, args.quick))
+    table.add(remote_rows(repeats, args.quick))
     table.add(text_rows(2 if args.quick else 32, repeats, device))
     # Horizon T = num_steps - 1 stochastic steps: T=8 against T=2.
     table.add(memory_rows("tiny LCM", {8: lora_policy(pipeline, 9, 32), 2: lora_policy(pipeline, 3, 32)}, accelerator))

@@ -53,6 +53,9 @@ def get_config() -> ConfigDict:
 
     config.reward = ConfigDict()
     config.reward.name = "jpeg_compressibility"  # a registered reward, a "module:function" path or a server's URL
+    # A weighted reward's components into targets: "sum" (the algorithm's targets of the weighted total) or "advantage"
+    # (the weighted sum of each component's own targets, each normalised first; rebel_diffusion.algorithms.aggregate).
+    config.reward.aggregate = "sum"
     config.reward.head_path = config_dict.placeholder(str)  # aesthetic: local sac+logos+ava1-l14-linearMSE.pth
     config.reward.clip_pretrained = "openai"  # aesthetic: open_clip tag or a local ViT-L-14 checkpoint
     config.reward.clip_model = "ViT-L-14"  # aesthetic: open_clip model name (768-d image embedding)
@@ -65,6 +68,34 @@ def get_config() -> ConfigDict:
     config.reward.reward_model_path = ""  # reward_model: a local folder or a Hub id (owner/name)
     config.reward.reward_batch_size = 8  # reward_model: texts per reward-model forward
     config.reward.missing_eos_penalty = config_dict.placeholder(float)  # text: the reward of a response without EOS
+    # reward.name = "judge": a model on an OpenAI-compatible server (vLLM, sglang, llama.cpp) scores each output, asked
+    # with reward.max_concurrency, reward.timeout_s and reward.retries as a reward server is.
+    config.reward.judge = ConfigDict()
+    config.reward.judge.base_url = ""  # http://host:port/v1; GET /models must list the model before sampling starts
+    config.reward.judge.model = ""
+    config.reward.judge.template = ""  # the user message: {prompt}, and {response} for text (an image is attached)
+    config.reward.judge.system = ""  # a system message, when not empty
+    config.reward.judge.score = "number"  # "number" (read from the reply) or "yes_prob" (P(yes) from the log-probs)
+    config.reward.judge.pattern = ""  # number: a regex whose first group (or match) is the score; "" = the first number
+    config.reward.judge.score_min = config_dict.placeholder(float)  # number: with score_max, mapped to [0, 1]
+    config.reward.judge.score_max = config_dict.placeholder(float)
+    config.reward.judge.max_tokens = 16  # of the reply (yes_prob asks for one token)
+    config.reward.judge.temperature = 0.0
+    config.reward.judge.top_logprobs = 20  # yes_prob: top tokens searched for "yes" and "no"
+    config.reward.judge.api_key_env = ""  # the environment variable holding an API key (the key is never in a config)
+
+    # A pairwise preference P(a beats b | prompt) (rebel_diffusion/rewards/preference.py): what algorithm
+    # "rebel_preference" learns from, and the judge of `python -m rebel_diffusion.sample --compare-base --preference`
+    # (the run's section gives its options). Each preference factory receives the options its signature names; a nested
+    # section (the judge's `preference.judge`) as a dict.
+    config.preference = ConfigDict()
+    config.preference.name = ""  # "" = none; pickscore, hpsv2, bradley_terry, judge, a "module:function" or a URL
+    config.preference.reward = ""  # bradley_terry: the reward spec r of sigmoid((r_a - r_b) / temperature)
+    config.preference.temperature = 1.0  # bradley_terry
+    config.preference.batch_size = 16  # pickscore, hpsv2: images per CLIP forward; a server: pairs per request
+    config.preference.max_concurrency = 4  # a preference server: requests in flight, seconds to wait, retries
+    config.preference.timeout_s = 60.0
+    config.preference.retries = 3
 
     config.sample = ConfigDict()
     config.sample.batch_size = 8  # prompts per sampling batch per process; each is sampled k times (a group)
@@ -99,6 +130,11 @@ def get_config() -> ConfigDict:
     config.rebel = ConfigDict()
     config.rebel.eta = 1.0
     config.rebel.target = "advantages"  # regress onto "advantages" (per prompt), "batch_zscore" or raw "rewards"
+    # Where y' of each pair comes from (the paper's mu): "policy" (pi_t), "base" (the base model, adapter disabled),
+    # "offline" (responses of rebel.offline_data; text policies) or "mix" (each pair draws its source from rebel.mix).
+    config.rebel.mu = "policy"
+    config.rebel.mix = ConfigDict({"policy": 0.5, "base": 0.0, "offline": 0.5})
+    config.rebel.offline_data = ""  # a .jsonl of prompt/response, or a dataset "hub-id:split:prompt_col:response_col"
 
     config.ppo = ConfigDict()
     config.ppo.clip_range = 1e-4

@@ -47,12 +47,17 @@ RUN_KEYS = frozenset({
     "model.temperature", "model.top_k", "model.top_p", "model.chat_template", "model.kl_estimator",
     "reward.reward_model_path",
     "lora.rank", "lora.alpha", "lora.init", "lora.targets",
-    "reward.name", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
+    "reward.name", "reward.aggregate", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
+    "reward.judge.model", "reward.judge.template", "reward.judge.system", "reward.judge.score", "reward.judge.pattern",
+    "reward.judge.score_min", "reward.judge.score_max", "reward.judge.max_tokens", "reward.judge.temperature",
+    "reward.judge.top_logprobs",
+    "preference.name", "preference.reward", "preference.temperature",
     "sample.batch_size", "sample.num_batches_per_epoch", "sample.sde", "sample.noise_level", "sample.sde_window",
     "sample.eta",
     "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm",
     "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
-    "rebel.eta", "rebel.target", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
+    "rebel.eta", "rebel.target", "rebel.mu", "rebel.mix.policy", "rebel.mix.base", "rebel.mix.offline",
+    "rebel.offline_data", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
     "grpo.k", "grpo.clip_range", "grpo.adv_clip_max", "grpo.eps", "dpo.beta",
     "stat_tracker.buffer_size", "stat_tracker.min_count",
 })
@@ -63,12 +68,16 @@ RESUMABLE_KEYS = frozenset({
     "num_epochs", "logdir", "run_name", "resume_from", "save_freq", "num_checkpoint_limit", "log_with",
     "collective_timeout_s", "kl_log_samples",
     "reward.batch_size", "reward.reward_batch_size", "reward.max_concurrency", "reward.timeout_s", "reward.retries",
+    # Where the judge runs and the name of its key's variable: the same model elsewhere scores the same.
+    "reward.judge.base_url", "reward.judge.api_key_env",
+    "preference.batch_size", "preference.max_concurrency", "preference.timeout_s", "preference.retries",
     "sample.decode_batch_size", "sample.overlap_reward",
     "train.learning_rate", "train.lr_schedule", "train.lr_warmup_steps", "train.gradient_checkpointing",
     "grid.num_prompts", "grid.num_seeds", "grid.seed",
     "eval.prompt_file", "eval.every", "eval.num_seeds", "eval.seed", "eval.rewards",
 })
-ALGORITHM_SECTIONS = {"rebel": "rebel", "ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "online_dpo": "dpo"}
+ALGORITHM_SECTIONS = {"rebel": "rebel", "ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "online_dpo": "dpo",
+                      "rebel_preference": "rebel"}
 
 
 class TrainingProgress:
@@ -210,6 +219,7 @@ def check_resumable(config: ConfigDict, checkpoint: Path) -> list[str]:
         raise ConfigError(f"num_epochs={config.num_epochs} is below the {done} epochs checkpoint {checkpoint} has done")
     if old is None:
         return []
+    old.setdefault("reward.aggregate", "sum")  # what a checkpoint from before the key existed did
     sections = set(ALGORITHM_SECTIONS.values())
     kept = {ALGORITHM_SECTIONS.get(old.get("algorithm")), ALGORITHM_SECTIONS.get(new["algorithm"])}
     defining = {key for key in new if key not in RESUMABLE_KEYS

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy import stats
 from scipy.stats import trim_mean
 
 #: Fraction cut from each end by the inter-quartile mean, as in rliable.
@@ -287,6 +288,16 @@ def interpolate_runs(runs: Sequence[Run], grid: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------
+
+
+def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of independent `values` (seeds' runs, prompts) and its `level` Student-t interval,
+    `mean +- t_{(1 + level) / 2, n - 1} * sd / sqrt(n)`; NaN bounds for fewer than two values."""
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return mean, mean - half, mean + half
 
 
 def iqm(values: np.ndarray, axis: int = 0) -> np.ndarray:

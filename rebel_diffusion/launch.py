@@ -15,6 +15,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
 
 
 def _fail(message: str) -> int:
@@ -22,22 +26,26 @@ def _fail(message: str) -> int:
     return 2
 
 
+def load_training_config(script: str | Path, script_args: list[str]) -> "ConfigDict":
+    """The config that `script` (train.py) would train with for `--config ...` arguments, checked by `validate_config`
+    without loading a model; a one-line `ValueError` (a `ConfigError` is one) when it would stop with exit 2."""
+    spec = importlib.util.spec_from_file_location("_rebel_train_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.load_config([str(script), *script_args])
+    from rebel_diffusion.trainer import validate_config
+
+    validate_config(config)
+    return config
+
+
 def _validate_training_config(script: str, script_args: list[str]) -> str | None:
     """The one-line problem with train.py's `--config ...` arguments, or None (also for another script)."""
     if Path(script).name != "train.py" or not Path(script).is_file():
         return None
-    spec = importlib.util.spec_from_file_location("_rebel_train_script", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     try:
-        config = module.load_config([script, *script_args])
+        load_training_config(script, script_args)
     except ValueError as e:
-        return str(e)
-    from rebel_diffusion.trainer import ConfigError, validate_config
-
-    try:
-        validate_config(config)
-    except ConfigError as e:
         return str(e)
     return None
 

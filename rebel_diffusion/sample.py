@@ -6,6 +6,12 @@ are loaded. Images: one PNG per (prompt, seed) plus `grid.png` (rows = prompts, 
 with the adapter disabled, so the model is loaded once) is written beside each fine-tuned one. Text: `samples.jsonl`, one line per (prompt, seed), with `base_response` under
 `--compare-base`.
 
+With `--compare-base --preference NAME` a pairwise preference (`rebel_diffusion.rewards.preference`) judges each
+(prompt, seed): P(fine-tuned beats base) on the same seed. Their mean is the win rate against the base model, with a
+95% confidence interval that takes the prompts as the independent units (`win_rate`), printed as one line and written
+to `win_rate.json`. The preference's options are the run's `preference` section, overridden by `--preference-option
+KEY=VALUE`; it is checked and built before the policy loads.
+
 Each (prompt, seed) is sampled on its own, so its output depends only on the prompt and the seed, never on which other
 prompts were asked for. Bad inputs (no LoRA weights, weights that do not fit the model, a missing prompt file) exit
 with code 2 and one line on stderr.
@@ -14,19 +20,24 @@ with code 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from ml_collections import ConfigDict
 from PIL import Image
 
 from rebel_diffusion.grids import save_image_grid
-from rebel_diffusion.policies import POLICIES, Policy, make_policy
+from rebel_diffusion.policies import POLICIES, Policy, adapter_disabled, make_policy, policy_class
 from rebel_diffusion.checkpoints import find_checkpoint
+from rebel_diffusion.compare import mean_ci
+from rebel_diffusion.rewards import RewardSetupError
+from rebel_diffusion.rewards.preference import (PreferenceFn, check_preference_config, make_preference_fn,
+                                                section_options)
 from rebel_diffusion.trainer import DTYPES, ConfigError, read_prompts
 
 # What a checkpoint folder holds for each policy: the diffusers LoRA file, a peft adapter, or (LoRA rank 0) full weights.
@@ -62,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one sample per prompt and seed")
     parser.add_argument("--compare-base", action="store_true", help="also sample the base model with the same seeds")
     parser.add_argument("--resolution", type=int, help="image side in pixels; default: the run's")
+    parser.add_argument("--preference", help="with --compare-base: the preference judging fine-tuned against base "
+                                             "(pickscore, hpsv2, bradley_terry, module:function or http://host:port); "
+                                             "writes win_rate.json")
+    parser.add_argument("--preference-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a preference option over the run's preference section (repeatable; the value is read "
+                             "as JSON when it parses, e.g. temperature=0.1, else as a string, e.g. reward=large_shape)")
     return parser
 
 
@@ -88,25 +105,6 @@ def base_config(model: str, policy: str) -> ConfigDict:
     config.model.pretrained = model
     config.policy = policy
     return config
-
-
-@contextlib.contextmanager
-def adapter_disabled(policy: Policy) -> Iterator[None]:
-    """Sample the base model inside the block: the policy's own network with its LoRA adapter switched off."""
-    pipeline = getattr(policy, "pipeline", None)
-    if pipeline is not None:
-        denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
-        denoiser.disable_adapters()
-        try:
-            yield
-        finally:
-            denoiser.enable_adapters()
-        return
-    network = getattr(policy, "network", None)
-    if network is None or not hasattr(network, "disable_adapter"):
-        raise SampleError("--compare-base needs a LoRA adapter; this checkpoint holds full weights (lora.rank=0)")
-    with network.disable_adapter():
-        yield
 
 
 def load_checkpoint_weights(policy: Policy, checkpoint: Path) -> None:
@@ -147,14 +145,15 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _sample_images(policy: Policy, prompts: list[str], seeds: list[int], out: Path, compare_base: bool,
-                   tuned: bool = True) -> None:
+                   tuned: bool = True) -> tuple[list, list]:
     """One PNG per (prompt, seed) (and its `_base` twin), `grid.png` (rows = prompts; a column per seed, or a
     base | fine-tuned pair of columns per seed, each labelled in the header band), and `samples.json` mapping files to
-    prompts and seeds."""
+    prompts and seeds. Returns the fine-tuned and the base images (none without `compare_base`), prompt by prompt and
+    seed by seed."""
     def draw(prompt: str, seed: int) -> torch.Tensor:
         return policy.sample([prompt], generator=torch.Generator().manual_seed(seed)).outputs[0].cpu()
 
-    rows, index = [], []
+    rows, index, tuned_images, base_images = [], [], [], []
     for i, prompt in enumerate(prompts):
         row = []
         for seed in seeds:
@@ -165,15 +164,18 @@ def _sample_images(policy: Policy, prompts: list[str], seeds: list[int], out: Pa
                 entry["base_file"] = f"p{i:03d}_s{seed}_base.png"
                 _save_png(base, out / entry["base_file"])
                 row.append(base)
+                base_images.append(base)
             image = draw(prompt, seed)
             _save_png(image, out / entry["file"])
             row.append(image)
+            tuned_images.append(image)
             index.append(entry)
         rows.append(torch.stack(row))
     names = ("base", "fine-tuned") if compare_base else ("fine-tuned" if tuned else "base",)
     columns = [f"{name}\nseed {seed}" for seed in seeds for name in names]
     save_image_grid(torch.stack(rows), prompts, out / "grid.png", column_labels=columns)
     (out / "samples.json").write_text(json.dumps(index, indent=2))
+    return tuned_images, base_images
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -181,9 +183,11 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(pixels).save(path)
 
 
-def _sample_text(policy: Policy, prompts: list[str], seeds: list[int], out: Path, compare_base: bool) -> None:
-    """`samples.jsonl`: `{"prompt", "seed", "response"[, "base_response"]}` per (prompt, seed)."""
-    lines = []
+def _sample_text(policy: Policy, prompts: list[str], seeds: list[int], out: Path,
+                 compare_base: bool) -> tuple[list, list]:
+    """`samples.jsonl`: `{"prompt", "seed", "response"[, "base_response"]}` per (prompt, seed). Returns the fine-tuned
+    and the base responses (none without `compare_base`), prompt by prompt and seed by seed."""
+    records = []
     for prompt in prompts:
         for seed in seeds:
             record = {"prompt": prompt, "seed": seed}
@@ -192,8 +196,94 @@ def _sample_text(policy: Policy, prompts: list[str], seeds: list[int], out: Path
                 with adapter_disabled(policy):
                     record["base_response"] = policy.sample([prompt],
                                                             generator=torch.Generator().manual_seed(seed)).outputs[0]
-            lines.append(json.dumps(record))
-    (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
+            records.append(record)
+    (out / "samples.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return [r["response"] for r in records], [r["base_response"] for r in records if "base_response" in r]
+
+
+def _parse_option(text: str) -> tuple[list[str], Any]:
+    """`KEY=VALUE` -> (the dotted key's parts, the value read as JSON when it parses, else the string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SampleError(f"--preference-option {text!r} is not KEY=VALUE")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def _preference_section(config: ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's `preference` section (empty for a run written before it existed), named `--preference` and overridden
+    by each `--preference-option` (a dotted key sets a nested section's option: `judge.model=...`)."""
+    section = {**section_options(config.get("preference")), "name": args.preference}
+    for text in args.preference_option:
+        parts, value = _parse_option(text)
+        node = section
+        for part in parts[:-1]:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise SampleError(f"--preference-option {text!r}: {part!r} is an option, not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return section
+
+
+def _build_preference(section: dict[str, Any], policy_kind: str, device: torch.device,
+                      dtype: torch.dtype) -> PreferenceFn:
+    """The checked and built preference of `section`, before the policy loads (a bad name or model path, or a server
+    that does not answer, costs no sampling); `SampleError` (one line) otherwise."""
+    name = section["name"]
+    try:
+        check_preference_config(section, policy_kind)
+        preference_fn = make_preference_fn(name, device=device, dtype=dtype,
+                                           **{k: v for k, v in section.items() if k != "name"})
+    except (ValueError, RewardSetupError) as e:
+        raise SampleError(f"--preference {name!r}: {_one_line(e)}") from None
+    served = getattr(preference_fn, "served_kind", "any")
+    if served not in ("any", policy_kind):
+        raise SampleError(f"--preference {name!r}: the server compares {served} outputs (its /health), but the policy "
+                          f"produces {policy_kind}")
+    return preference_fn
+
+
+def win_rate(probabilities: np.ndarray, level: float = 0.95) -> tuple[float, tuple[float, float] | None]:
+    """The win rate of `(prompts, seeds)` probabilities P(fine-tuned beats base) and its `level` confidence interval.
+
+    The seeds of one prompt are not independent draws (a prompt the fine-tuned model handles well wins on most of its
+    seeds), so the prompts are the units: the interval is Student-t over the per-prompt mean probabilities,
+    `mean +- t_{(1 + level) / 2, n - 1} * sd / sqrt(n)`, clipped to [0, 1] (a rate lies there). None for one prompt,
+    whose seeds alone cannot say how the rate varies across prompts.
+    """
+    mean, low, high = mean_ci(probabilities.mean(axis=1), level)
+    if math.isnan(low):
+        return mean, None
+    return mean, (max(0.0, low), min(1.0, high))
+
+
+def _report_win_rate(preference_fn: PreferenceFn, name: str, prompts: list[str], seeds: list[int], tuned: Any,
+                     base: Any, out: Path) -> None:
+    """Judge every (prompt, seed) pair, print the win rate in one line and write `win_rate.json`."""
+    pair_prompts = [prompt for prompt in prompts for _ in seeds]
+    stack = torch.stack if isinstance(tuned[0], torch.Tensor) else list
+    with torch.no_grad():
+        probabilities = preference_fn(pair_prompts, stack(tuned), stack(base)).double().cpu().numpy()
+    probabilities = probabilities.reshape(len(prompts), len(seeds))
+    rate, interval = win_rate(probabilities)
+    (out / "win_rate.json").write_text(json.dumps({
+        "preference": name,
+        "win_rate": rate,
+        "ci95": list(interval) if interval else None,
+        "interval": "Student-t over the per-prompt mean probabilities, clipped to [0, 1]",
+        "num_prompts": len(prompts),
+        "num_seeds": len(seeds),
+        "per_prompt": [{"prompt": prompt, "win_rate": float(row.mean())}
+                       for prompt, row in zip(prompts, probabilities)],
+        "pairs": [{"prompt": prompt, "seed": seed, "p_fine_tuned_beats_base": float(p)}
+                  for prompt, row in zip(prompts, probabilities) for seed, p in zip(seeds, row)],
+    }, indent=2))
+    ci = f"95% CI [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "no 95% CI (it needs at least 2 prompts)"
+    print(f"win rate against the base model: {rate:.3f}, {ci}, over {len(prompts)} prompts x {len(seeds)} seeds "
+          f"(preference {name!r}; {out / 'win_rate.json'})")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -212,6 +302,10 @@ def run(args: argparse.Namespace) -> Path:
         raise SampleError("--compare-base needs --checkpoint: without one the model is the base model")
     else:
         config = base_config(args.model, args.policy)
+    if args.preference is not None and not args.compare_base:
+        raise SampleError("--preference judges the fine-tuned model against the base model: add --compare-base")
+    if args.preference_option and args.preference is None:
+        raise SampleError("--preference-option needs --preference")
     if args.resolution:
         config.resolution = args.resolution
     prompts = _prompts(args)
@@ -220,6 +314,9 @@ def run(args: argparse.Namespace) -> Path:
     config.lora = ConfigDict({**config.lora.to_dict(), "init": True})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES.get(config.get("mixed_precision", "no"), torch.float32) if device.type == "cuda" else torch.float32
+    section = _preference_section(config, args) if args.preference is not None else None
+    preference_fn = None if section is None else _build_preference(section, policy_class(config.policy).kind, device,
+                                                                   dtype)
     try:
         policy = make_policy(config, device, dtype)
     except (FileNotFoundError, ValueError) as e:
@@ -230,12 +327,17 @@ def run(args: argparse.Namespace) -> Path:
         raise SampleError(str(e)) from None
     if checkpoint is not None:
         load_checkpoint_weights(policy, checkpoint)
+    if args.compare_base and not policy.has_reference:
+        raise SampleError("--compare-base needs a LoRA adapter; this checkpoint holds full weights (lora.rank=0)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if policy.kind == "image":
-        _sample_images(policy, prompts, list(args.seeds), out, args.compare_base, tuned=checkpoint is not None)
+        tuned, base = _sample_images(policy, prompts, list(args.seeds), out, args.compare_base,
+                                     tuned=checkpoint is not None)
     else:
-        _sample_text(policy, prompts, list(args.seeds), out, args.compare_base)
+        tuned, base = _sample_text(policy, prompts, list(args.seeds), out, args.compare_base)
+    if preference_fn is not None:
+        _report_win_rate(preference_fn, section["name"], prompts, list(args.seeds), tuned, base, out)
     return out
 
 

@@ -29,17 +29,22 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from rebel_diffusion.algorithms import ALGORITHMS, Algorithm, PerPromptStatTracker
+from rebel_diffusion.algorithms.aggregate import ComponentStatTrackers, advantage_targets, check_aggregate
+from rebel_diffusion.algorithms.base import MU_SOURCES, ON_POLICY
 from rebel_diffusion.checkpoints import (TrainingProgress, _truncate_metrics, _write_atomic, check_resumable,
                                          finished_epochs, load_checkpoint, lora_hooks, resume_checkpoint,
                                          resumed_run_dir, save_checkpoint, verify_checkpoint)
-from rebel_diffusion.config_keys import check_config_keys, flatten
+from rebel_diffusion.config_keys import TRAINER_REWARD_KEYS, check_config_keys, flatten
 from rebel_diffusion.errors import CheckpointError, ConfigError  # noqa: F401 -- CheckpointError for train.py
 from rebel_diffusion.plots import save_learning_curve
 from rebel_diffusion.policies import Policy, make_policy, policy_class
 from rebel_diffusion.prompts import PromptSourceError, read_prompt_source
-from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward_name, make_reward_fn, reward_kind,
-                                     served_kinds)
+from rebel_diffusion.rewards import (RewardSetupError, call_reward, check_reward_name, make_reward_fn,
+                                     parse_reward_spec, reward_kind, served_kinds)
+from rebel_diffusion.rewards.preference import (check_preference_config, make_preference_fn, preference_reward,
+                                                section_options)
 from rebel_diffusion.schedule import OptimizerStepSchedule
+from rebel_diffusion.sources import check_mu, sample_groups
 from rebel_diffusion.stop_together import stop_together
 from rebel_diffusion.trajectory import Trajectory
 
@@ -80,11 +85,23 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
         if hasattr(policy_class(config.policy), "check_config"):  # a policy's own keys, before any model loads
             policy_class(config.policy).check_config(config)
         check_reward_name(config.reward.name)
+        check_aggregate(config, algorithm, len(parse_reward_spec(config.reward.name)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if reward_kind(config.reward.name) not in ("any", policy_kind):
         raise ConfigError(f"reward {config.reward.name!r} scores {reward_kind(config.reward.name)} outputs, but policy "
                           f"{config.policy!r} produces {policy_kind}")
+    preference = section_options(config.get("preference"))
+    if algorithm.comparisons and not preference["name"]:
+        raise ConfigError(f"algorithm {config.algorithm!r} learns from a pairwise preference: set preference.name")
+    if algorithm.comparisons and config.reward.aggregate != "sum":
+        raise ConfigError(f"reward.aggregate={config.reward.aggregate!r} combines the components of reward.name, but "
+                          f"algorithm {config.algorithm!r} learns from preference.name; leave it 'sum'")
+    if preference["name"]:
+        try:
+            check_preference_config(preference, policy_kind)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if config.kl_coef < 0:
         raise ConfigError(f"kl_coef must be non-negative, got {config.kl_coef}")
     if config.mixed_precision not in DTYPES:
@@ -123,7 +140,12 @@ def validate_config(config: ConfigDict) -> tuple[list[str], Algorithm]:
         check_config_keys(config, _eval_reward_names(config) if config.eval.prompt_file else [])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return read_prompts(config.prompt_file), algorithm
+    prompts = read_prompts(config.prompt_file)
+    try:
+        check_mu(algorithm.mu(config), policy_class(config.policy), prompts, config.lora.rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return prompts, algorithm
 
 
 def _eval_reward_names(config: ConfigDict) -> list[str]:
@@ -432,7 +454,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
 
     dtype = DTYPES[config.mixed_precision]
     # The rewards first: a bad head path fails before a multi-GB model download.
-    reward_options = {k: v for k, v in config.reward.items() if k != "name"}
+    reward_options = {k: v for k, v in config.reward.items() if k not in TRAINER_REWARD_KEYS}
     eval_names = _eval_reward_names(config) if config.eval.prompt_file else []
     try:
         reward_fn = make_reward_fn(config.reward.name, device=accelerator.device, dtype=dtype, **reward_options)
@@ -441,6 +463,20 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
                            for name in eval_names}
     except RewardSetupError as e:
         raise ConfigError(f"reward {config.reward.name!r}: {e}") from None
+    k = algorithm.group_size(config)
+    trained = algorithm.trained_samples or k  # the first samples of each group train; the rest are compared against
+    train_reward_name = config.reward.name
+    if algorithm.comparisons:  # the run learns from comparisons; reward.name still scores the held-out evaluation
+        train_reward_name = config.preference.name
+        try:
+            preference_fn = make_preference_fn(config.preference.name, device=accelerator.device, dtype=dtype,
+                                               **{key: v for key, v in section_options(config.preference).items()
+                                                  if key != "name"})
+        except RewardSetupError as e:
+            raise ConfigError(f"preference {config.preference.name!r}: {e}") from None
+        train_reward_fn = preference_reward(preference_fn, k, algorithm.comparisons)
+    else:
+        train_reward_fn = reward_fn
     for fn in (reward_fn, *eval_reward_fns.values()):  # a reward server says what it scores only when asked
         for url, kind in served_kinds(fn).items():
             if kind not in ("any", policy_class(config.policy).kind):
@@ -456,7 +492,6 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         raise ConfigError(f"prompt_file: {e}") from None
     if config.kl_coef > 0 and not policy.has_reference:
         raise ConfigError("kl_coef > 0 needs the base model as reference, the adapter disabled: set lora.rank > 0")
-    k = algorithm.group_size(config)
 
     groups_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
     steps_per_epoch = groups_per_epoch // config.train.batch_size // config.train.gradient_accumulation_steps
@@ -473,7 +508,12 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         steps_per_epoch * config.train.num_inner_epochs * config.num_epochs, progress,
     )
     policy.model, optimizer = accelerator.prepare(policy.model, optimizer)
-    stat_tracker = PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count)
+    # "advantage": the targets are made per component, each with the history of that component alone.
+    weights = dict(parse_reward_spec(config.reward.name))
+    by_component = config.reward.aggregate == "advantage"
+    stat_tracker = (ComponentStatTrackers(list(weights), config.stat_tracker.buffer_size, config.stat_tracker.min_count)
+                    if by_component else
+                    PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count))
     lora_hooks(accelerator, policy)
     if last_checkpoint is not None:
         changed = check_resumable(config, last_checkpoint)
@@ -496,6 +536,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
     eval_prompts = read_prompts(config.eval.prompt_file, "eval.prompt_file") if config.eval.prompt_file else []
     eval_seeds = [config.eval.seed + j for j in range(config.eval.num_seeds)]
     shape_reward_with_kl = algorithm.kl_in_reward and config.kl_coef > 0
+    mu = algorithm.mu(config)
 
     summary: dict[str, Any] | None = None  # the last epoch's metrics, printed once its evaluation (if any) is done
     for epoch in range(progress.epoch, config.num_epochs + 1):
@@ -527,23 +568,26 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
 
         # Sampling: k trajectories per prompt, stored group-major (sample j of group g at g * k + j). The networks stay
         # in eval mode throughout: dropout would make an unchanged policy's ratio differ from 1.
-        batches, components = [], defaultdict(list)
+        batches, components, by_source = [], defaultdict(list), []
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
 
-        def keep(trajectory: Trajectory, scored: Future) -> None:
+        def keep(trajectory: Trajectory, scored: Future, sources: list[str]) -> None:
             """Attach a sampled batch's rewards, drop its outputs and store it group-major (sample j of group g at
             g * k + j)."""
             rewards, parts = scored.result()
+            for j, (source, reward) in enumerate(zip(sources, rewards.tolist())):  # sample j // B of its group
+                by_source.append((source, reward, j >= len(trajectory) // k))
             # Measured here, after the reward thread is done with the batch, so that it never stalls the sampler.
             diversities.append(policy.diversity(trajectory.outputs, trajectory.prompts))
             trajectory.rewards = rewards.to(accelerator.device)
-            for name, scores in parts.items():
-                components[name].append(scores.float().to(accelerator.device))
+            group_major = torch.arange(len(trajectory)).reshape(k, -1).T.flatten()
+            for name, scores in parts.items():  # in the samples' order, for the per-component targets
+                components[name].append(scores.float().to(accelerator.device)[group_major])
             if trajectory.truncated is not None and config.reward.missing_eos_penalty is not None:
                 penalty = torch.tensor(float(config.reward.missing_eos_penalty), device=accelerator.device)
                 trajectory.rewards = torch.where(trajectory.truncated.to(accelerator.device), penalty, trajectory.rewards)
             trajectory.outputs = None  # outputs are not needed past the reward; free their memory
-            batches.append(trajectory[torch.arange(len(trajectory)).reshape(k, -1).T.flatten()])
+            batches.append(trajectory[group_major])
 
         # Batch i is scored in a worker thread while batch i+1 samples; the rewards are the same as in sequence.
         with ThreadPoolExecutor(max_workers=1) as scorer:
@@ -551,15 +595,15 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
             for batch_index in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
                                     disable=not is_main):
                 batch_prompts = random.choices(prompt_pool, k=config.sample.batch_size)
-                trajectory = policy.sample(batch_prompts * k, with_kl=shape_reward_with_kl)
+                trajectory, sources = sample_groups(policy, batch_prompts, k, mu, with_kl=shape_reward_with_kl)
                 generator = _reward_generator(config.seed, accelerator.process_index, epoch, batch_index)
-                scored = _submit_score(scorer, accelerator.device.type, reward_fn, trajectory, config.reward.name,
+                scored = _submit_score(scorer, accelerator.device.type, train_reward_fn, trajectory, train_reward_name,
                                        epoch, kept, generator, failed=failed)
                 if not config.sample.overlap_reward:
                     scored.result()
                 if pending is not None:
                     keep(*pending)
-                pending = (trajectory, scored)
+                pending = (trajectory, scored, sources)
             keep(*pending)
         samples = Trajectory.cat(batches)
 
@@ -576,10 +620,16 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         shaped = all_rewards
         if shape_reward_with_kl:
             shaped = all_rewards - config.kl_coef * np.asarray(all_kl).reshape(all_rewards.shape)
-        targets = algorithm.targets(shaped, all_prompts, stat_tracker, config)
+        # Every component gathered as the rewards are (process order, then each process's rows), in the spec's order.
+        all_components = {name: accelerator.gather(torch.cat(components[name])).cpu().numpy().reshape(-1, k)
+                          for name in weights} if len(components) > 1 else {}
+        if by_component:
+            targets, shares = advantage_targets(algorithm, all_components, weights, all_prompts, stat_tracker, config)
+        else:
+            targets = algorithm.targets(shaped, all_prompts, stat_tracker, config)
         local = torch.as_tensor(targets.reshape(accelerator.num_processes, -1)[accelerator.process_index],
                                 dtype=torch.float32, device=accelerator.device)
-        progress.reward_queries += all_rewards.size
+        progress.reward_queries += len(all_rewards) * (len(algorithm.comparisons) or k)  # a comparison is a query
 
         # Training: shuffled micro-batches of whole groups.
         info = defaultdict(list)
@@ -589,7 +639,7 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
             for first in tqdm(range(0, num_groups, config.train.batch_size), desc=f"epoch {epoch}.{inner_epoch}: training",
                               disable=not is_main):
                 groups = order[first : first + config.train.batch_size]
-                index = (groups[:, None] * k + torch.arange(k)).flatten()
+                index = (groups[:, None] * k + torch.arange(trained)).flatten()
                 batch, target = samples[index], local[index]
                 with accelerator.accumulate(policy.model):
                     if algorithm.pair_loss is not None:
@@ -613,19 +663,29 @@ def _train(config: ConfigDict, prompt_pool: list[str], algorithm: Algorithm) -> 
         progress.epoch = epoch + 1
         metrics = {
             "epoch": epoch,
-            "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std()),
+            "reward_mean": float(all_rewards[:, :trained].mean()),
+            "reward_std": float(all_rewards[:, :trained].std()),
             "reward_queries": progress.reward_queries,
             "optimizer_steps": progress.optimizer_steps,
             "lr": lr_scheduler.get_last_lr()[0],
             **{key: accelerator.reduce(torch.stack(values).mean().to(accelerator.device), "mean").item()
                for key, values in info.items()},
         }
-        if len(components) > 1:
-            for name, scores in components.items():
-                metrics[f"reward_{name}_mean"] = accelerator.gather(torch.cat(scores)).float().mean().item()
+        for name, scores in all_components.items():
+            metrics[f"reward_{name}_mean"] = float(scores.mean())
+            if by_component:
+                metrics[f"advantage_share_{name}"] = shares[name]
         if all_kl:
             metrics["kl"] = float(np.mean(all_kl))
+        if mu != ON_POLICY:
+            # Which source each y' came from, and the mean reward of each source's samples: reward_mean mixes them,
+            # reward_policy_mean is the policy's own.
+            drawn = gather_object(by_source)
+            later = [source for source, _, is_later in drawn if is_later]
+            for source in MU_SOURCES:
+                metrics[f"mu_{source}_fraction"] = later.count(source) / len(later)
+                if scores := [reward for s, reward, _ in drawn if s == source]:
+                    metrics[f"reward_{source}_mean"] = float(np.mean(scores))
         # The epoch's mean over batches (of every process) of the distance between samples of the same prompt: a
         # reward won by collapsing to one output per prompt shows as diversity near 0. Absent when no prompt was
         # sampled twice in a batch (one sample per prompt, as PPO's, and no repeated prompt).

@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rebel_diffusion.compare import main as compare_main  # noqa: E402
+from rebel_diffusion.compare import mean_ci  # noqa: E402 -- the seeds are independent runs
 
 ALGORITHMS = ("rebel", "ppo", "rloo", "grpo", "online_dpo")
 
@@ -39,32 +39,29 @@ def finished(run_dir: Path, num_epochs: int) -> bool:
     return len(metrics.read_text().splitlines()) == num_epochs and num_epochs in done
 
 
+def train_run(config: str, seed: int, run_dir: Path, extra: list[str]) -> int:
+    """Train one run of `config` at `seed` into `run_dir` (a fresh one if an unfinished folder is in the way), on one
+    thread and without sample grids; returns its exit code, printing the last error line when it failed."""
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    command = [sys.executable, "train.py", "--config", config, f"--config.seed={seed}",
+               f"--config.logdir={run_dir.parent}", f"--config.run_name={run_dir.name}", "--config.log_with=",
+               "--config.grid.num_prompts=0", *extra]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode:
+        print(f"{run_dir.name} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+    return result.returncode
+
+
 def run_one(algorithm: str, seed: int, logdir: Path, num_epochs: int) -> tuple[str, int, int]:
-    """Train one quickstart run (a fresh one if an unfinished folder is in the way) and return its exit code."""
+    """Train one quickstart run unless it already finished, and return its exit code."""
     run_dir = logdir / f"{algorithm}_seed{seed}"
     if finished(run_dir, num_epochs):
         return algorithm, seed, 0
-    if run_dir.exists():
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-    command = [sys.executable, "train.py", "--config", f"configs/quickstart_{algorithm}.py", f"--config.seed={seed}",
-               f"--config.logdir={logdir}", f"--config.run_name={run_dir.name}", "--config.log_with=",
-               "--config.grid.num_prompts=0"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if result.returncode:
-        print(f"{algorithm} seed {seed} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-    return algorithm, seed, result.returncode
+    return algorithm, seed, train_run(f"configs/quickstart_{algorithm}.py", seed, run_dir, [])
 
 
 EVAL_METRICS = ("eval_large_shape", "eval_shape_accuracy", "eval_shape_fidelity", "eval_diversity")
-
-
-def mean_ci(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean and its 95% Student-t interval over seeds (the seeds are independent runs)."""
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def _read(path: Path) -> list[dict]:
@@ -104,6 +101,20 @@ def gains_table(logdir: Path, algorithms: list[str], seeds: range) -> str:
             cells += [f"{before.mean():.3f}", f"{after.mean():.3f}", f"{change:+.3f} [{low:+.3f}, {high:+.3f}]"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *lines])
+
+
+def held_out_table(logdir: Path, arms: list[str], seeds: range, metric: str, label: str) -> str:
+    """Per arm (runs `<arm>_seed<s>` in `logdir`), over seeds: the held-out `metric` before training, after it, and
+    the change, each with its 95% t-interval; `label` heads the arm column."""
+    lines = [f"| {label} | seeds | held-out before | after [95% CI] | change [95% CI] |", "| --- | --- | --- | --- | --- |"]
+    for arm in arms:
+        evals = [_read(logdir / f"{arm}_seed{s}" / "eval.jsonl") for s in seeds]
+        before, after = np.asarray([e[0][metric] for e in evals]), np.asarray([e[-1][metric] for e in evals])
+        mean, low, high = mean_ci(after)
+        change, c_low, c_high = mean_ci(after - before)
+        lines.append(f"| {arm} | {len(evals)} | {before.mean():.3f} | {mean:.3f} [{low:.3f}, {high:.3f}] | "
+                     f"{change:+.3f} [{c_low:+.3f}, {c_high:+.3f}] |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

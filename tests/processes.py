@@ -1,5 +1,5 @@
 """Training as separate processes: two ranks under accelerate launch, ranks started by hand (no launcher to stop the
-others when one fails), and scripts that run the trainer with a patch applied."""
+others when one fails), scripts that run the trainer with a patch applied."""
 
 from __future__ import annotations
 

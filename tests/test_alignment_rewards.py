@@ -17,6 +17,7 @@ from torchvision.transforms import InterpolationMode
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from rebel_diffusion.rewards import RewardSetupError, make_reward_fn, reward_kind
+from rebel_diffusion.rewards.preference import make_preference_fn
 from rebel_diffusion.tokenizer import build_clip_tokenizer
 
 PROMPTS = ["a red circle", "a photo of a cat on a blue sofa", "a red circle"]
@@ -184,3 +185,43 @@ def test_hpsv2_loading_failures_are_setup_errors(tmp_path, tiny_open_clip):
 
 def test_alignment_rewards_score_images():
     assert reward_kind("pickscore") == reward_kind("clip_score") == reward_kind("hpsv2") == "image"
+
+
+# ---- The two-image softmax preferences ----
+
+
+def check_pairwise(preference, images_a, images_b, expected):
+    """`preference` against `expected`, its symmetry P(a, b) + P(b, a) = 1 and a tie P(a, a) = 0.5."""
+    p = preference(PROMPTS, images_a, images_b)
+    assert p.dtype == torch.float32 and p.shape == (len(PROMPTS),)
+    torch.testing.assert_close(p, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(p + preference(PROMPTS, images_b, images_a), torch.ones(len(PROMPTS)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(preference(PROMPTS, images_a, images_a), torch.full((len(PROMPTS),), 0.5))
+
+
+def test_pickscore_preference_is_the_softmax_of_the_two_scores(tiny_pickscore, monkeypatch):
+    model_dir, processor_dir = tiny_pickscore
+    options = dict(pickscore_model=str(model_dir), pickscore_processor=str(processor_dir), batch_size=2)
+    images_a, images_b = smooth_images(len(PROMPTS), 256, 256, seed=4), smooth_images(len(PROMPTS), 256, 256, seed=5)
+    reward = make_reward_fn("pickscore", **options)
+    scores = torch.stack([reward(images_a, PROMPTS), reward(images_b, PROMPTS)], dim=1)
+    # One model serves both: the preference is built from the reward's loaded CLIP, without loading another.
+    monkeypatch.setattr(CLIPModel, "from_pretrained", lambda *a, **k: pytest.fail("the CLIP model was loaded twice"))
+    preference = make_preference_fn("pickscore", **options)
+    check_pairwise(preference, images_a, images_b, torch.softmax(scores.double(), dim=1)[:, 0].float())
+
+
+def test_hpsv2_preference_scales_the_cosines_by_the_hps_logit_scale(tiny_open_clip):
+    _, checkpoint, model = tiny_open_clip
+    options = dict(hpsv2_model=TINY_OPEN_CLIP, hpsv2_checkpoint=str(checkpoint))
+    images_a, images_b = smooth_images(len(PROMPTS), 224, 224, seed=6), smooth_images(len(PROMPTS), 224, 224, seed=7)
+    # HPS's forward by hand (square images: the letterbox is a plain normalisation), its logits = scale * cos.
+    tokenizer = open_clip.get_tokenizer(TINY_OPEN_CLIP)
+    with torch.no_grad():
+        text = F.normalize(model.encode_text(tokenizer(PROMPTS)), dim=-1)
+        logits = [model.logit_scale.exp() * (F.normalize(model.encode_image(TF.normalize(
+            images, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)), dim=-1) * text).sum(-1)
+            for images in (images_a, images_b)]
+    assert model.logit_scale.exp() > 10  # open_clip's init, log(1 / 0.07): the scale changes the probabilities a lot
+    expected = torch.softmax(torch.stack(logits, dim=1).double(), dim=1)[:, 0].float()
+    check_pairwise(make_preference_fn("hpsv2", **options), images_a, images_b, expected)

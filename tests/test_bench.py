@@ -21,6 +21,9 @@ EXPECTED = [
     "online_dpo update / floor",
     "rebel epoch (",
     "rebel epoch, reward scored beside sampling / in sequence",
+    "rebel epoch, shape_fidelity served, overlap on / in-process, overlap on",
+    "rebel epoch, shape_fidelity served, overlap off / in-process, overlap on",
+    "rebel epoch, shape_fidelity in-process, overlap off / in-process, overlap on",
     "`CausalLMPolicy.sample` / `model.generate` on token ids",
     "`CausalLMPolicy.sample` / tokenize + `model.generate` + decode",
     "rebel update peak memory, horizon T=8 / T=2",
@@ -101,5 +104,5 @@ def test_quick_bench_prints_every_row_with_its_spread_and_verdict(capsys, tmp_pa
             assert said == "", row
     assert [row[5] for row in rows if row[5]] == ["<= 1.0", "<= 1.0", "<= 1.05", "< 1", "<= 1.05", "<= 1.05", "<= 1.2"]
     # Timings of one round; the memory row is an exact count, judged as it is.
-    assert [row[3] for row in rows] == ["one round"] * 11 + ["one measurement"]
+    assert [row[3] for row in rows] == ["one round"] * 14 + ["one measurement"]
     assert rows[-1][6] == ("met" if float(rows[-1][2]) <= 1.2 else "not met")

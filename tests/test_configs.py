@@ -102,7 +102,7 @@ def test_the_readme_documents_every_key_of_base_and_only_those():
 
 
 def test_every_policy_and_reward_key_of_base_has_an_owner():
-    from rebel_diffusion.config_keys import flatten, policy_keys
+    from rebel_diffusion.config_keys import TRAINER_REWARD_KEYS, flatten, policy_keys
     from rebel_diffusion.rewards import rewards_taking
 
     keys = set(flatten(base.get_config().to_dict()))
@@ -111,8 +111,9 @@ def test_every_policy_and_reward_key_of_base_has_an_owner():
     for key in sorted(keys):
         if key.startswith(("model.", "lora.")) or key in ("resolution", "sample.decode_batch_size"):
             assert key in owned, f"{key}: no policy reads it"
-        elif key.startswith("reward.") and key not in owned and key != "reward.name":
-            assert rewards_taking(key.removeprefix("reward.")), f"{key}: no reward takes it"
+        elif key.startswith("reward.") and key not in owned and key.removeprefix("reward.") not in TRAINER_REWARD_KEYS:
+            # reward.judge.model belongs to the factory parameter `judge`
+            assert rewards_taking(key.removeprefix("reward.").split(".")[0]), f"{key}: no reward takes it"
 
 
 def text_base():
@@ -131,6 +132,8 @@ def text_base():
     (base.get_config, "reward.head_path", "/h.pth",
      "reward.head_path is set, but reward 'jpeg_compressibility' takes no such option (an option of aesthetic)"),
     (text_base, "reward.batch_size", 4, "reward.batch_size is set, but reward 'addition_exact' takes no such option"),
+    (text_base, "reward.judge.model", "m",
+     "reward.judge.model is set, but reward 'addition_exact' takes no such option (an option of judge)"),
 ])
 def test_a_key_set_for_another_policy_or_reward_is_rejected_before_loading(make, key, value, message):
     from rebel_diffusion.trainer import ConfigError, validate_config

@@ -39,3 +39,16 @@ def test_gains_are_means_with_student_t_intervals(tmp_path):
 def test_mean_ci_of_one_run_has_no_interval():
     mean, low, high = figure3.mean_ci(figure3.np.asarray([0.25]))
     assert mean == 0.25 and low != low and high != high  # NaN
+
+
+def test_the_held_out_summary_is_before_after_and_change_with_student_t_intervals(tmp_path):
+    # After: 0.7, 0.8, 0.9 (mean 0.8, sample std 0.1); changes 0.2, 0.3, 0.4 (mean 0.3, std 0.1); t_{0.975, 2} = 4.302653.
+    for seed, after in enumerate([0.7, 0.8, 0.9]):
+        run = tmp_path / f"offline_seed{seed}"
+        run.mkdir()
+        run.joinpath("eval.jsonl").write_text(json.dumps({"epoch": 0, "eval_addition_exact": 0.5}) + "\n"
+                                              + json.dumps({"epoch": 30, "eval_addition_exact": after}) + "\n")
+    row = figure3.held_out_table(tmp_path, ["offline"], range(3), "eval_addition_exact", "rebel.mu").splitlines()[2]
+    half = 4.302653 * 0.1 / 3**0.5
+    assert row == (f"| offline | 3 | 0.500 | 0.800 [{0.8 - half:.3f}, {0.8 + half:.3f}] | "
+                   f"+0.300 [{0.3 - half:+.3f}, {0.3 + half:+.3f}] |")

@@ -4,6 +4,7 @@ sampling a text checkpoint, and the one-line refusals of bad inputs."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from configs.base import get_config
 from rebel_diffusion.checkpoints import CHECKPOINT_FILE
 from rebel_diffusion.grids import CELL, HEADER_HEIGHT, LABEL_WIDTH, tile_box
 from rebel_diffusion.policies import make_policy
-from rebel_diffusion.sample import main
+from rebel_diffusion.rewards import make_reward_fn
+from rebel_diffusion.sample import main, win_rate
 from rebel_diffusion.trainer import train
 from tests.conftest import save_tiny_causal_lm
 
@@ -139,6 +141,9 @@ def rewrite_lora(checkpoint: Path, rename) -> None:
         ("no_model", "--model is required"),
         ("base_compare_without_checkpoint", "--compare-base needs --checkpoint"),
         ("bad_flag", "unrecognized arguments"),
+        ("bad_preference", "--preference 'nope': preference.name: unknown preference 'nope'"),
+        ("preference_without_base", "--preference judges the fine-tuned model against the base model"),
+        ("preference_of_text", "compares text outputs, but the policy produces image"),
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(lcm_run, tmp_path, capsys, breakage, message):
@@ -160,10 +165,61 @@ def test_bad_inputs_exit_2_with_one_line(lcm_run, tmp_path, capsys, breakage, me
         argv = ["--model", "owner/model", "--out", tmp_path / "out", "--compare-base"]
     elif breakage == "bad_flag":
         argv += ["--steps", "3"]
+    elif breakage == "bad_preference":
+        argv += ["--compare-base", "--preference", "nope"]
+    elif breakage == "preference_without_base":
+        argv += ["--preference", "pickscore"]
+    elif breakage == "preference_of_text":
+        argv += ["--compare-base", "--preference", "bradley_terry", "--preference-option", "reward=addition_exact"]
     code, err = run_main(argv, capsys)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out" / "grid.png").exists()
+
+
+def test_win_rate_interval_is_student_t_over_the_per_prompt_means():
+    # Per-prompt means 0.6, 0.7, 0.5, 0.6: mean 0.6, sd sqrt(0.02 / 3), t(0.975, 3 dof) = 3.182446 (a t table).
+    probabilities = np.array([[0.5, 0.7], [0.9, 0.5], [0.2, 0.8], [0.6, 0.6]])
+    rate, (low, high) = win_rate(probabilities)
+    half = 3.182446 * math.sqrt(0.02 / 3) / math.sqrt(4)
+    assert rate == pytest.approx(0.6) and (low, high) == pytest.approx((0.6 - half, 0.6 + half), abs=1e-6)
+    # The interval is clipped to [0, 1]; one prompt has none (its seeds say nothing about other prompts).
+    assert win_rate(np.array([[1.0, 1.0], [1.0, 1.0], [0.9, 0.9]]))[1][1] == 1.0
+    assert win_rate(np.array([[0.2, 0.9, 0.4]])) == (pytest.approx(0.5), None)
+
+
+def test_win_rate_against_the_base_model_with_a_bradley_terry_preference(lcm_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([str(a) for a in ["--checkpoint", lcm_run, "--out", out, "--prompts", *PROMPTS, "--seeds", 3, 4,
+                                  "--compare-base", "--preference", "bradley_terry", "--preference-option",
+                                  "reward=large_shape", "--preference-option", "temperature=0.1"]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads((out / "win_rate.json").read_text())
+    # Each pair by hand: large_shape of the written fine-tuned and base PNGs, sigmoid of the difference over 0.1. The
+    # PNGs' 8-bit rounding moves large_shape by up to ~3e-3, ~0.025 in probability after the temperature: a flipped
+    # side (1 - p, here 0.1 or more away) or an ignored temperature (p near 0.5) is still far outside.
+    large_shape = make_reward_fn("large_shape")
+    index = json.loads((out / "samples.json").read_text())
+    png = lambda name: torch.from_numpy(read_png(out / name).copy()).permute(2, 0, 1).float() / 255  # noqa: E731
+    tuned = large_shape(torch.stack([png(e["file"]) for e in index]), [e["prompt"] for e in index])
+    base = large_shape(torch.stack([png(e["base_file"]) for e in index]), [e["prompt"] for e in index])
+    expected = 1 / (1 + np.exp(-(tuned - base).numpy() / 0.1))
+    assert (tuned != base).any(), "the fine-tuned and base shapes score alike: the test would not see a flipped side"
+    assert [(pair["prompt"], pair["seed"]) for pair in result["pairs"]] == [(e["prompt"], e["seed"]) for e in index]
+    probabilities = np.array([pair["p_fine_tuned_beats_base"] for pair in result["pairs"]])
+    np.testing.assert_allclose(probabilities, expected, atol=0.03)
+    assert result["win_rate"] == pytest.approx(probabilities.mean(), abs=1e-6)
+    assert (result["num_prompts"], result["num_seeds"]) == (2, 2) and len(result["ci95"]) == 2
+    line = [line for line in captured.out.splitlines() if line.startswith("win rate")]
+    assert line == [f"win rate against the base model: {result['win_rate']:.3f}, 95% CI [{result['ci95'][0]:.3f}, "
+                    f"{result['ci95'][1]:.3f}], over 2 prompts x 2 seeds (preference 'bradley_terry'; "
+                    f"{out / 'win_rate.json'})"]
+
+
+def longer(prompts, responses_a, responses_b):
+    """A user text preference: 1 when a is the longer response, 0 when b is, 0.5 for a tie."""
+    return [0.5 + 0.5 * ((len(a) > len(b)) - (len(a) < len(b))) for a, b in zip(responses_a, responses_b)]
 
 
 def test_text_checkpoint_writes_jsonl_with_base_responses(tmp_path, capsys):
@@ -187,12 +243,16 @@ def test_text_checkpoint_writes_jsonl_with_base_responses(tmp_path, capsys):
 
     prompts = ["1+2=", "3+4="]
     code, err = run_main(["--checkpoint", run, "--out", tmp_path / "out", "--prompts", *prompts, "--seeds", 0, 1,
-                          "--compare-base"], capsys)
+                          "--compare-base", "--preference", f"{__name__}:longer"], capsys)
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"]) for r in records] == [(p, s) for p in prompts for s in (0, 1)]
     assert all(isinstance(r["response"], str) and isinstance(r["base_response"], str) for r in records)
     assert any(r["response"] != r["base_response"] for r in records)
+    # The win rate of a user text preference: each pair judged fine-tuned (a) against base (b).
+    pairs = json.loads((tmp_path / "out" / "win_rate.json").read_text())["pairs"]
+    assert [pair["p_fine_tuned_beats_base"] for pair in pairs] == longer(None, [r["response"] for r in records],
+                                                                         [r["base_response"] for r in records])
 
     code, err = run_main(["--model", model_dir, "--policy", "causal_lm", "--out", tmp_path / "base", "--prompts",
                           *prompts, "--seeds", 0, 1], capsys)

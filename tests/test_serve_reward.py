@@ -28,6 +28,7 @@ import rebel_diffusion.trainer as trainer
 from rebel_diffusion import shapes
 from rebel_diffusion.rewards import make_reward_fn
 from rebel_diffusion.rewards.remote import RewardServerError
+from rebel_diffusion.serve_reward import serve_in_subprocess
 from rebel_diffusion.trainer import ConfigError, RewardError, train
 
 from test_trainer import read_metrics, tiny_config
@@ -37,26 +38,9 @@ PROMPTS = REPO / "assets" / "quickstart_prompts.txt"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-@contextlib.contextmanager
-def serve_reward(*args: str, log: Path) -> Iterator[str]:
+def serve_reward(*args: str, log: Path) -> contextlib.AbstractContextManager[str]:
     """`python -m rebel_diffusion.serve_reward --port 0 ...` on 127.0.0.1, its URL while it runs; stopped after."""
-    with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "rebel_diffusion.serve_reward", "--port", "0", *args],
-                                   cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    try:
-        ready: list[str] = []
-        reader = threading.Thread(target=lambda: ready.append(process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=60)
-        assert ready and ready[0].startswith("serving reward"), f"the server did not start: {log.read_text()[-2000:]}"
-        yield ready[0].split()[-1]
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return serve_in_subprocess(list(args), log, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +288,8 @@ def test_a_request_that_breaks_the_protocol_is_a_400(shape_server):
         answer = requests.post(shape_server + "/score", json=request, timeout=10)
         assert answer.status_code == 400 and message in answer.json()["error"], answer.text
     assert requests.post(shape_server + "/score", data=b"{", timeout=10).status_code == 400
-    assert requests.get(shape_server + "/health", timeout=10).json() == {"reward": "shape_fidelity", "kind": "image"}
+    assert requests.get(shape_server + "/health", timeout=10).json() == {"type": "reward", "reward": "shape_fidelity",
+                                                                         "kind": "image"}
 
 
 def test_urls_in_reward_specs():
@@ -325,7 +310,7 @@ def test_urls_in_reward_specs():
     config = get_config()
     config.reward.timeout_s = 5.0
     with pytest.raises(ValueError, match=r"reward.timeout_s is set, but reward 'jpeg_compressibility' takes no such "
-                                         r"option \(an option of http://host:port\)"):
+                                         r"option \(an option of judge, http://host:port\)"):
         check_config_keys(config)
     config.reward.name = "http://127.0.0.1:8000"
     check_config_keys(config)  # the server's client takes it

@@ -40,6 +40,8 @@ def test_bad_input_gives_one_line_and_a_non_zero_exit(tmp_path):
                                  "reward 'shape_fidelity' scores image outputs, but policy 'causal_lm' produces text"),
         "key of another policy": (["--config.model.max_new_tokens=10"],
                                   "model.max_new_tokens does not apply to policy 'lcm' (only to causal_lm)"),
+        "advantage of one reward": (["--config.reward.aggregate=advantage"],
+                                    "reward.aggregate='advantage' needs a weighted reward of at least two components"),
     }
     results = run_all({name: args for name, (args, _) in cases.items()}, tmp_path)
     for name, (_, message) in cases.items():

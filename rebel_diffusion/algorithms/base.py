@@ -24,6 +24,28 @@ from rebel_diffusion.algorithms.stat_tracker import PerPromptStatTracker
 
 Stats = dict[str, torch.Tensor]
 
+MU_SOURCES = ("policy", "base", "offline")
+
+
+@dataclass(frozen=True)
+class Mu:
+    """Where y', sample 1 of each group, comes from: REBEL's base distribution mu (Algorithm 1 of the paper draws y
+    from pi_t and y' from mu). Every other sample of a group comes from the policy.
+
+    Attributes:
+        probabilities: `{source: p}` over `MU_SOURCES`, summing to 1: "policy" (pi_t itself), "base" (the base model,
+            its adapter disabled) or "offline" (responses from `offline_data`); each group draws its source.
+        offline_data: the offline responses' source (`rebel_diffusion.prompts.read_offline_responses`), "" for none.
+        offline_key: the config key naming `offline_data`, for errors.
+    """
+
+    probabilities: dict[str, float]
+    offline_data: str = ""
+    offline_key: str = ""
+
+
+ON_POLICY = Mu({"policy": 1.0})
+
 
 class StepLoss(Protocol):
     def __call__(self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, targets: torch.Tensor, config: ConfigDict,
@@ -53,6 +75,13 @@ class Algorithm:
         step_loss / pair_loss: exactly one is set (see the module docstring).
         step_reduction: how a step loss becomes a sample's loss: "mean" over its real steps or "sum".
         check: `config -> None`, raises `ValueError` naming the key of a bad setting; runs before any model loads.
+        mu: `config -> Mu`, where y', sample 1 of each group, comes from (on-policy unless the algorithm says).
+        comparisons: `((i, j), ...)`: when set, the algorithm learns from a pairwise preference (`preference.name`)
+            instead of a reward: sample i of each comparison is rewarded `l = 2 P(y_i beats y_j) - 1` (the paper's
+            Eq. 11), a sample only compared against gets 0 (l(y, y) = 0), and a query is a comparison.
+        trained_samples: how many of a group's first samples train (None: all); the others are only compared against.
+        scale_free: `config -> bool`, whether the targets stay the same when a reward is multiplied by a positive
+            constant (they normalise its scale); `reward.aggregate="advantage"` needs it (`aggregate.check_aggregate`).
     """
 
     name: str
@@ -63,6 +92,10 @@ class Algorithm:
     pair_loss: PairLoss | None = None
     step_reduction: str = "mean"
     check: Callable[[ConfigDict], None] = lambda config: None
+    mu: Callable[[ConfigDict], Mu] = lambda config: ON_POLICY
+    comparisons: tuple[tuple[int, int], ...] = ()
+    trained_samples: int | None = None
+    scale_free: Callable[[ConfigDict], bool] = lambda config: False
 
     def __post_init__(self) -> None:
         if (self.step_loss is None) == (self.pair_loss is None):

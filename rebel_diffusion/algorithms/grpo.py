@@ -40,4 +40,6 @@ def _check(config: ConfigDict) -> None:
 ALGORITHM = Algorithm(
     name="grpo", group_size=lambda config: config.grpo.k, targets=_targets, kl_in_reward=False, step_loss=_step_loss,
     step_reduction="mean", check=_check,
+    # z-scores within each group
+    scale_free=lambda config: True,
 )

@@ -72,4 +72,6 @@ def _check(config: ConfigDict) -> None:
 ALGORITHM = Algorithm(
     name="ppo", group_size=lambda config: 1, targets=_targets, kl_in_reward=False, step_loss=_step_loss,
     step_reduction="mean", check=_check,
+    # per-prompt z-scores
+    scale_free=lambda config: True,
 )

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from ml_collections import ConfigDict
 
-from rebel_diffusion.algorithms.base import Algorithm, require_positive
+from rebel_diffusion.algorithms.base import MU_SOURCES, Algorithm, Mu, require_positive
 from rebel_diffusion.algorithms.stat_tracker import PerPromptStatTracker
 
 
@@ -59,12 +59,35 @@ def _pair_loss(log_ratio_a: torch.Tensor, log_ratio_b: torch.Tensor, target_a: t
     return rebel_loss(log_ratio_a, log_ratio_b, target_a, target_b, config.rebel.eta)
 
 
+def _mu(config: ConfigDict) -> Mu:
+    """`rebel.mu`: y' from "policy" (pi_t), "base", "offline" (`rebel.offline_data`) or a "mix" of them (`rebel.mix`)."""
+    probabilities = dict(config.rebel.mix) if config.rebel.mu == "mix" else {config.rebel.mu: 1.0}
+    return Mu({source: float(p) for source, p in probabilities.items() if p > 0}, config.rebel.offline_data,
+              "rebel.offline_data")
+
+
 def _check(config: ConfigDict) -> None:
     require_positive(config, "rebel.eta", strict=True)
     if config.rebel.target not in ("advantages", "batch_zscore", "rewards"):
         raise ValueError(f"rebel.target must be 'advantages', 'batch_zscore' or 'rewards', got {config.rebel.target!r}")
+    if config.rebel.mu not in (*MU_SOURCES, "mix"):
+        raise ValueError(f"rebel.mu must be one of {[*MU_SOURCES, 'mix']}, got {config.rebel.mu!r}")
+    if config.rebel.mu == "mix":
+        mix = dict(config.rebel.mix)
+        if set(mix) - set(MU_SOURCES) or any(not p >= 0 for p in mix.values()) or abs(sum(mix.values()) - 1) > 1e-6:
+            raise ValueError(f"rebel.mix must give non-negative probabilities of {list(MU_SOURCES)} summing to 1, "
+                             f"got {mix}")
+    uses_offline = _mu(config).probabilities.get("offline", 0) > 0
+    if uses_offline and not config.rebel.offline_data:
+        raise ValueError("rebel.mu draws offline responses: set rebel.offline_data (a .jsonl file with 'prompt' and "
+                         "'response' fields, or a dataset 'hub-id:split:prompt_column:response_column')")
+    if config.rebel.offline_data and not uses_offline:
+        raise ValueError(f"rebel.offline_data is set but rebel.mu={config.rebel.mu!r} draws no offline responses")
 
 
 ALGORITHM = Algorithm(
     name="rebel", group_size=lambda config: 2, targets=_targets, kl_in_reward=True, pair_loss=_pair_loss, check=_check,
+    mu=_mu,
+    # per-prompt or batch z-scores; raw rewards keep their scale
+    scale_free=lambda config: config.rebel.target != "rewards",
 )

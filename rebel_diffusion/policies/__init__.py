@@ -6,7 +6,9 @@ from `POLICIES`. Adding a policy means one file here that implements the protoco
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -95,6 +97,49 @@ def same_prompt_pairs(prompts: list[str]) -> tuple[list[int], list[int]]:
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
+@contextlib.contextmanager
+def adapter_disabled(policy: Policy) -> Iterator[None]:
+    """Inside the block the policy is its base model, the reference: its own network with the LoRA adapter switched
+    off (no second copy of the weights). `ValueError` when there is no adapter (lora.rank=0: every weight trains)."""
+    if not policy.has_reference:
+        raise ValueError("the base model needs a LoRA adapter to switch off; with lora.rank=0 every weight trains")
+    pipeline = getattr(policy, "pipeline", None)
+    if pipeline is not None:  # a diffusers pipeline: its UNet or transformer carries the adapter
+        denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
+        denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            denoiser.enable_adapters()
+        return
+    with policy.network.disable_adapter():  # a peft model
+        yield
+
+
+@torch.no_grad()
+def rescore(policy: Policy, trajectory: Trajectory, with_kl: bool = False,
+            reference_log_probs: torch.Tensor | None = None) -> Trajectory:
+    """A trajectory that another distribution drew (the base model, offline data), as if the current policy had:
+    `log_probs` `(B, T)` become the current weights' (pi_t at sampling time), and with `with_kl` `kl` the k1
+    log-ratio `log pi_t - log pi_ref` at the taken actions, the reward-shaping term a sampled trajectory carries.
+
+    `reference_log_probs` `(B, T)` are the reference's log-probs when known (a trajectory the base model sampled
+    records its own); otherwise they cost one more pass with the adapter disabled. Changes `trajectory` in place.
+    """
+    def log_probs() -> torch.Tensor:
+        chunks = [policy.log_prob(trajectory, steps)[0] for steps in policy.step_chunks()]
+        return torch.cat(chunks, dim=1).float() * trajectory.mask
+
+    current = log_probs()
+    if with_kl:
+        if reference_log_probs is None:
+            with adapter_disabled(policy):
+                reference_log_probs = log_probs()
+        trajectory.kl = (current - reference_log_probs) * trajectory.mask
+    trajectory.log_probs = current
+    return trajectory
+
+
 # config.policy -> "module:class"; each class has `from_config(config, device, dtype) -> Policy`.
 POLICIES = {
     "lcm": "rebel_diffusion.policies.lcm:LCMPolicy",
@@ -117,4 +162,4 @@ def make_policy(config: ConfigDict, device: torch.device, dtype: torch.dtype) ->
     return policy_class(config.policy).from_config(config, device=device, dtype=dtype)
 
 
-__all__ = ["POLICIES", "Policy", "make_policy", "policy_class", "same_prompt_pairs"]
+__all__ = ["POLICIES", "Policy", "adapter_disabled", "make_policy", "policy_class", "rescore", "same_prompt_pairs"]

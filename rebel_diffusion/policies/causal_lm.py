@@ -300,6 +300,28 @@ class CausalLMPolicy:
             trajectory.kl = (trajectory.log_probs - ref_log_probs) * mask
         return trajectory
 
+    def trajectory_of(self, prompts: list[str], responses: list[str]) -> Trajectory:
+        """Given responses (offline data) as trajectories of this policy: each tokenized without special tokens and
+        ended with EOS, as a sampled response that stopped. Kept whole, even past `max_new_tokens`: cutting it would
+        make it another response. `log_probs` are left at 0 for `rescore` to fill; `outputs` are the responses as the
+        policy decodes its own, so that a reward sees both the same way.
+
+        Returns:
+            A `Trajectory` like `sample`'s: `states`/`conditioning` the prompt ids and mask `(B, P)`, `actions` the
+            response ids `(B, T)` right-padded, `mask`, `truncated` all False.
+        """
+        input_ids, attention_mask = self.tokenize_prompts(prompts)
+        ids = [self.tokenizer(r, add_special_tokens=False)["input_ids"] + [self.eos_token_ids[0]] for r in responses]
+        longest = max(len(row) for row in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        actions = torch.tensor([row + [pad] * (longest - len(row)) for row in ids], device=self.device)
+        mask, has_eos = self._response_mask(actions)
+        return Trajectory(
+            prompts=list(prompts), states=input_ids, actions=actions,
+            log_probs=torch.zeros(actions.shape, dtype=torch.float32, device=self.device), mask=mask,
+            outputs=self._decode(actions, mask, has_eos), conditioning=attention_mask, truncated=~has_eos,
+        )
+
     def log_prob(
         self, trajectory: Trajectory, steps: range, with_kl: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -337,4 +337,5 @@ def _wrap_trl_signature(fn: Callable) -> RewardFn:
 
 
 # Importing the modules registers their rewards.
-from rebel_diffusion.rewards import aesthetic, alignment, jpeg, remote, shape_fidelity, text  # noqa: E402,F401
+# judge.py also registers the pairwise judge among the preferences.
+from rebel_diffusion.rewards import aesthetic, alignment, jpeg, judge, remote, shape_fidelity, text  # noqa: E402,F401

@@ -13,6 +13,11 @@ compute it, but with the image preprocessing done as batched torch ops on the im
 * `hpsv2`: Human Preference Score v2.1 (Wu et al. 2023): open_clip ViT-H-14 with the HPS v2.1 weights. Score = cos of
   the normalised image and text features (HPS's `diag(image_features @ text_features.T)`), about 0.25-0.35.
 
+PickScore and HPS v2.1 are also pairwise preferences (`rebel_diffusion.rewards.preference`), as their authors define
+them: the softmax over the two images of `logit_scale.exp() * cos`, i.e. `P(a beats b) = sigmoid(s_a - s_b)` with `s`
+that scaled score (PickScore's reward already is; HPS's is its cosine times its own model's `logit_scale.exp()`). A
+reward and a preference on the same weights share one loaded model (`shared_scorer`).
+
 The text embeddings of each distinct prompt are computed once and cached: training reuses a fixed prompt pool.
 Precision: the towers run in the requested dtype (open_clip's own recipe for open_clip models); cosines and the final
 scale are computed in float32.
@@ -20,15 +25,17 @@ scale are computed in float32.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from rebel_diffusion.rewards import RewardFn, RewardSetupError, register_reward
 from rebel_diffusion.rewards.aesthetic import clip_preprocess
+from rebel_diffusion.rewards.preference import PreferenceFn, register_preference
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -262,6 +269,33 @@ def resolve_hpsv2_checkpoint(checkpoint: str | os.PathLike | None) -> str:
                                "it and set --config.reward.hpsv2_checkpoint=/path/to/it") from None
 
 
+_SCORERS: dict[tuple, Any] = {}
+
+
+def shared_scorer(cls: type, **kwargs: Any) -> Any:
+    """`cls(**kwargs)`, built once per class and arguments: PickScore as the training reward and as the win-rate
+    preference (or HPS as both) is one model in memory, not two multi-GB copies."""
+    key = (cls, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+    if key not in _SCORERS:
+        _SCORERS[key] = cls(**kwargs)
+    return _SCORERS[key]
+
+
+def _pairwise_softmax(score: Any, scale: float) -> PreferenceFn:
+    """The two-image softmax `P(a beats b) = sigmoid(scale * (score(a) - score(b)))` of a scorer `score(images,
+    prompts)`; both sides are scored in one call."""
+
+    def preference_fn(prompts: list[str], images_a: torch.Tensor, images_b: torch.Tensor) -> torch.Tensor:
+        if images_a.shape != images_b.shape:
+            raise ValueError(f"the two sides' images differ in shape: {tuple(images_a.shape)} and "
+                             f"{tuple(images_b.shape)}")
+        scores = score(torch.cat([images_a, images_b]), list(prompts) * 2)
+        scores_a, scores_b = scores[: len(prompts)], scores[len(prompts) :]
+        return torch.sigmoid(scale * (scores_a - scores_b))
+
+    return preference_fn
+
+
 @register_reward("pickscore", kind="image")
 def pickscore(
     device: torch.device | str | None = None,
@@ -271,7 +305,8 @@ def pickscore(
     batch_size: int = 16,
 ) -> RewardFn:
     """PickScore v1 of each image for its prompt; options: model and processor (Hub ids or folders)."""
-    return PickScorer(pickscore_model, pickscore_processor, device=device, dtype=dtype, batch_size=batch_size)
+    return shared_scorer(PickScorer, model=pickscore_model, processor=pickscore_processor, device=device, dtype=dtype,
+                         batch_size=batch_size)
 
 
 @register_reward("clip_score", kind="image")
@@ -301,5 +336,29 @@ def hpsv2(
     (3.9 GB) is never downloaded.
     """
     checkpoint = resolve_hpsv2_checkpoint(hpsv2_checkpoint)
-    return OpenCLIPScorer(hpsv2_model, None, state_dict_file=checkpoint, letterbox=True, device=device, dtype=dtype,
-                          batch_size=batch_size, name="hpsv2")
+    return shared_scorer(OpenCLIPScorer, model=hpsv2_model, pretrained=None, state_dict_file=checkpoint, letterbox=True,
+                         device=device, dtype=dtype, batch_size=batch_size, name="hpsv2")
+
+
+def _softmax_preference(reward_factory: Callable[..., Any], scale: Callable[[Any], float], doc: str) -> Callable:
+    """The preference factory of a scorer reward's factory: its options (its signature, through `functools.wraps`),
+    its scorer (`shared_scorer`: the same loaded model), and the two-image softmax of the scores times
+    `scale(scorer)`."""
+
+    @functools.wraps(reward_factory)
+    def factory(**options: Any) -> PreferenceFn:
+        scorer = reward_factory(**options)
+        return _pairwise_softmax(scorer, scale(scorer))
+
+    factory.__doc__ = doc
+    return factory
+
+
+register_preference("pickscore", kind="image")(_softmax_preference(
+    pickscore, lambda scorer: 1.0,
+    "PickScore's published preference of two images for a prompt: the softmax of their scores, which already include "
+    "`logit_scale.exp()`; the options are the `pickscore` reward's."))
+register_preference("hpsv2", kind="image")(_softmax_preference(
+    hpsv2, lambda scorer: scorer.model.logit_scale.detach().float().exp().item(),
+    "HPS v2's preference of two images for a prompt: the softmax over the two of `logit_scale.exp() * cos`, with the "
+    "HPS model's own (trained) logit_scale; the options are the `hpsv2` reward's."))
