@@ -30,9 +30,8 @@ from ml_collections import ConfigDict
 from peft import LoraConfig
 
 from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_model_path, check_options,
-                                                config_options, first_line, freeze_and_add_lora, load_pipeline,
-                                                load_unet_lora, model_index, parse_window, predicted_original_sample,
-                                                save_unet_lora)
+                                                config_options, first_line, load_pipeline, load_unet_lora, model_index,
+                                                parse_window, predicted_original_sample, save_unet_lora)
 from rebel_diffusion.policies.lcm import LORA_TARGETS
 
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
@@ -161,18 +160,12 @@ class DDIMPolicy(WindowedDiffusionPolicy):
         self.logprob_reduction, self.decode_batch_size = logprob_reduction, decode_batch_size
         self.device = torch.device(device) if device is not None else pipeline.device
         self.dtype = dtype
-        self.vae = pipeline.vae
-        self.denoiser = self.unet = pipeline.unet  # `denoiser`: the shared chain's name
-        encoders = [pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)]
-        self.lora_sites = freeze_and_add_lora(
-            self.unet, [self.vae, *(e for e in encoders if e is not None)], self.device, dtype,
-            LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets)),
-            gradient_checkpointing,
-        )
+        self.vae, self.unet = pipeline.vae, pipeline.unet
+        self._adapt(self.unet, [pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)],
+                    LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init,
+                               target_modules=list(lora_targets)), gradient_checkpointing)
         if self.is_xl and dtype == torch.float16 and self.vae.config.get("force_upcast", False):
             self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; its pipeline decodes in fp32 too
-        self.merge_for_sampling = dtype == torch.float32  # as in LCMPolicy: merging rounds W + delta to half precision
-        self.model = self.unet  # the trainer may swap in a wrapper; every trained call goes through it
 
         scheduler.set_timesteps(num_steps)
         self.timesteps = scheduler.timesteps.to(self.device)

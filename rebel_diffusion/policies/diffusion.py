@@ -289,6 +289,18 @@ class WindowedDiffusionPolicy(ImageOutputs):
     kind = "image"
     has_reference = True  # the denoiser with its LoRA adapter disabled
 
+    def _adapt(self, denoiser: torch.nn.Module, encoders: list[torch.nn.Module | None], lora_config: LoraConfig,
+               gradient_checkpointing: bool) -> None:
+        """Freeze the VAE, the text encoders (None where the pipeline has none) and `denoiser`, add the fp32 LoRA
+        adapter to `denoiser`, and set `denoiser`, `model`, `lora_sites` and `merge_for_sampling`; needs `vae`,
+        `device` and `dtype` set."""
+        self.denoiser = denoiser
+        self.lora_sites = freeze_and_add_lora(denoiser, [self.vae, *(e for e in encoders if e is not None)], self.device,
+                                              self.dtype, lora_config, gradient_checkpointing)
+        # As in LCMPolicy: a fp32 LoRA merged into half-precision weights would round W + delta.
+        self.merge_for_sampling = self.dtype == torch.float32
+        self.model = denoiser  # the trainer may swap in a wrapper; every trained call goes through it
+
     @property
     def num_actions(self) -> int:
         """T: the stochastic steps of the window, each with a log-probability."""

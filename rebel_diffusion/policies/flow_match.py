@@ -28,9 +28,8 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from ml_collections import ConfigDict
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_options, config_options,
-                                                freeze_and_add_lora, load_pipeline, model_index, parse_window,
-                                                pipeline_class_name)
+from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_options, config_options, load_pipeline,
+                                                model_index, parse_window, pipeline_class_name)
 
 # The joint attention's image and text projections (Flow-GRPO's targets for SD3.5).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -191,16 +190,10 @@ class FlowMatchPolicy(WindowedDiffusionPolicy):
         self.max_sequence_length, self.decode_batch_size = max_sequence_length, decode_batch_size
         self.device = torch.device(device) if device is not None else pipeline.device
         self.dtype = dtype
-        self.vae = pipeline.vae
-        self.denoiser = self.transformer = pipeline.transformer  # `denoiser`: the shared chain's name
-        encoders = [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
-        self.lora_sites = freeze_and_add_lora(
-            self.transformer, [self.vae, *(e for e in encoders if e is not None)], self.device, dtype,
-            LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets)),
-            gradient_checkpointing,
-        )
-        self.merge_for_sampling = dtype == torch.float32  # as in LCMPolicy: merging rounds W + delta to half precision
-        self.model = self.transformer  # the trainer may swap in a wrapper; every trained call goes through it
+        self.vae, self.transformer = pipeline.vae, pipeline.transformer
+        self._adapt(self.transformer, [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3],
+                    LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init,
+                               target_modules=list(lora_targets)), gradient_checkpointing)
 
         scheduler = pipeline.scheduler
         kwargs = {}
