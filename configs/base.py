@@ -7,7 +7,8 @@ def get_config() -> ConfigDict:
     config = ConfigDict()
 
     config.algorithm = "rebel"  # "rebel", "ppo", "rloo", "grpo" or "online_dpo"
-    # "lcm" (the LCM chain), "flow_match" (an SD3-style flow-matching pipeline) or "causal_lm" (a transformers causal LM)
+    # "lcm" (the LCM chain), "flow_match" (an SD3-style flow-matching pipeline), "ddim" (SD 1.5 or SDXL sampled with DDIM
+    # at sample.eta > 0, DDPO's setting) or "causal_lm" (a transformers causal LM)
     config.policy = "lcm"
     config.kl_coef = 0.0  # KL to the base model: shapes the reward (REBEL, RLOO, DPO) or a loss term (PPO, GRPO)
     config.kl_log_samples = 2  # at kl_coef 0 (or as a loss term), the logged `kl` is estimated on this many samples
@@ -105,9 +106,12 @@ def get_config() -> ConfigDict:
     # (coefficients-preserving sampling) or "ode" (diffusers' Euler step: the pipeline's images, nothing to train).
     config.sample.sde = "flow_sde"
     config.sample.noise_level = 0.7  # flow_match: the SDE's noise level a (> 0; below 1 for cps)
-    # flow_match: (first stochastic step, count); the other steps are ODE steps, not trained. () = every step that
-    # carries noise (flow_sde: all; cps: all but the last, whose std sigma_next sin(a pi/2) is 0).
+    # flow_match and ddim: (first stochastic step, count); the other steps are ODE steps (ddim: eta = 0), not trained.
+    # () = every step that carries noise (flow_sde and ddim: all; cps: all but the last, whose std sigma_next sin(a pi/2)
+    # is 0). DDPO's train.timestep_fraction f is about (0, int(f * model.num_steps)) here (a fixed window, not a random
+    # subset of each trajectory's steps).
     config.sample.sde_window = ()
+    config.sample.eta = 1.0  # ddim only: DDIM's noise scale in (0, 1] (1: DDPM's posterior variance, DDPO's default)
 
     config.train = ConfigDict()
     config.train.batch_size = 1  # per process: groups (REBEL/DPO pairs, PPO samples, RLOO/GRPO groups) per micro-batch

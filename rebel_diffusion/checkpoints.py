@@ -53,6 +53,7 @@ RUN_KEYS = frozenset({
     "reward.judge.top_logprobs",
     "preference.name", "preference.reward", "preference.temperature",
     "sample.batch_size", "sample.num_batches_per_epoch", "sample.sde", "sample.noise_level", "sample.sde_window",
+    "sample.eta",
     "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm",
     "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
     "rebel.eta", "rebel.target", "rebel.mu", "rebel.mix.policy", "rebel.mix.base", "rebel.mix.offline",

@@ -23,9 +23,12 @@ LCM_KEYS = ("resolution", "model.num_steps", "model.guidance_scale")
 TEXT_KEYS = ("model.max_new_tokens", "model.temperature")
 FLOW_KEYS = ("resolution", "model.num_steps", "model.guidance_scale", "sample.sde", "sample.noise_level",
              "sample.sde_window")
-# The diffusers pipeline class that loads each image policy's LoRA file, and the card's tags for it.
+DDIM_KEYS = ("resolution", "model.num_steps", "model.guidance_scale", "sample.eta", "sample.sde_window")
+# The diffusers pipeline class that loads each image policy's LoRA file, and the card's tags for it. The DDIM policy
+# takes SD 1.5 and SDXL: DiffusionPipeline picks the class from the base model's model_index.json.
 IMAGE_PIPELINES = {"lcm": ("LatentConsistencyModelPipeline", "latent-consistency-model", LCM_KEYS),
-                   "flow_match": ("StableDiffusion3Pipeline", "flow-matching", FLOW_KEYS)}
+                   "flow_match": ("StableDiffusion3Pipeline", "flow-matching", FLOW_KEYS),
+                   "ddim": ("DiffusionPipeline", "stable-diffusion", DDIM_KEYS)}
 
 
 def _get(config: dict[str, Any], key: str) -> Any:
@@ -96,14 +99,17 @@ def write_model_card(directory: Path, config: dict[str, Any], metrics: dict[str,
         body.append("No metrics were logged.")
     body += ["", "## How to load", "", "```python"]
     if is_lcm:
+        ddim = policy == "ddim"  # trained on DDIM's chain at eta: sampled the same way
+        eta = f", eta={_get(config, 'sample.eta')}" if ddim else ""
         body += [
             "import torch",
-            f"from diffusers import {pipeline_class}",
+            f"from diffusers import {'DDIMScheduler, ' if ddim else ''}{pipeline_class}",
             "",
             f"pipe = {pipeline_class}.from_pretrained({base_model!r})",
+            *(["pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"] if ddim else []),
             "pipe.load_lora_weights(\"path/to/this/folder\")",
             f"image = pipe(\"a prompt\", num_inference_steps={_get(config, 'model.num_steps')}, "
-            f"guidance_scale={_get(config, 'model.guidance_scale')}).images[0]",
+            f"guidance_scale={_get(config, 'model.guidance_scale')}{eta}).images[0]",
         ]
     else:
         body += [

@@ -48,6 +48,7 @@ from rebel_diffusion.trajectory import Trajectory
 
 # What a checkpoint folder holds for each policy: the diffusers LoRA file, a peft adapter, or (LoRA rank 0) full weights.
 LORA_FILES = {"lcm": ("pytorch_lora_weights.safetensors",), "flow_match": ("pytorch_lora_weights.safetensors",),
+              "ddim": ("pytorch_lora_weights.safetensors",),
               "causal_lm": ("adapter_model.safetensors", "model.safetensors")}
 DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse"]
 

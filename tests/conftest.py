@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random LCM pipeline saved with `save_pretrained` and loaded the way a user's model is."""
+"""Shared fixtures: tiny random pipelines (LCM, SD3, SD 1.5, SDXL) and causal LMs saved with `save_pretrained` and
+loaded the way a user's model is."""
 
 from __future__ import annotations
 
@@ -18,27 +19,40 @@ SHARED = REPO.parent / "shared"
 torch.set_num_threads(1)
 
 
+def tiny_clip_config(tokenizer, **options) -> CLIPTextConfig:
+    """A 2-layer, 32-wide CLIP text encoder's config over `tokenizer`'s vocabulary (16 positions)."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **options,
+    )
+
+
+def tiny_unet(**options) -> UNet2DConditionModel:
+    """A 2-level UNet on 8x8x4 latents with one cross-attention level."""
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8, norm_num_groups=8, **options,
+    )
+
+
+def tiny_vae(latent_channels: int = 4, **options) -> AutoencoderKL:
+    """A 3-level VAE: 32 px images to 8x8 latents."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(16, 32, 32),
+        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=32, **options,
+    )
+
+
 def build_tiny_pipeline(tokenizer_dir: Path, seed: int = 0) -> LatentConsistencyModelPipeline:
     """Random components small enough for CPU tests: 32 px images, 8x8x4 latents, a 2-layer text encoder."""
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(tokenizer_dir, model_max_length=16)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, time_cond_proj_dim=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
-        sample_size=32,
-    )
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer))
+    unet = tiny_unet(cross_attention_dim=32, time_cond_proj_dim=32)
+    vae = tiny_vae()
     scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
     return LatentConsistencyModelPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -55,24 +69,14 @@ def build_tiny_sd3_pipeline(tokenizer_dir: Path, seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(tokenizer_dir, model_max_length=16)
 
-    def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
-
-    text_encoder, text_encoder_2 = clip(), clip()
+    text_encoder, text_encoder_2 = (CLIPTextModelWithProjection(tiny_clip_config(tokenizer, projection_dim=32))
+                                    for _ in range(2))
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
         pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
-        sample_size=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -80,20 +84,74 @@ def build_tiny_sd3_pipeline(tokenizer_dir: Path, seed: int = 0):
     )
 
 
+# The noise schedule of SD 1.5 and SDXL base, with the schedulers their folders ship (the DDIM policy replaces them).
+SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                   set_alpha_to_one=False, clip_sample=False)
+
+
+def build_tiny_sd_pipeline(tokenizer_dir: Path, seed: int = 0):
+    """A random SD 1.5-style `StableDiffusionPipeline` (PNDM scheduler, no safety checker): 32 px, 8x8x4 latents."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(tokenizer_dir, model_max_length=16)
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer))
+    unet, vae = tiny_unet(cross_attention_dim=32), tiny_vae()
+    scheduler = PNDMScheduler.from_config({**SD_SCHEDULE, "skip_prk_steps": True})
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def build_tiny_sdxl_pipeline(tokenizer_dir: Path, seed: int = 0, second_encoder: bool = True):
+    """A random `StableDiffusionXLPipeline` (Euler scheduler, as SDXL base ships): a `CLIPTextModel` and a
+    `CLIPTextModelWithProjection` (its 32-d pooled output and both 32-d contexts, concatenated to 64), a UNet with the
+    text-time embedding of the pooled embedding and the 6 size/crop ids. Without `second_encoder`, the second
+    encoder and tokenizer are None (a folder the policy must refuse)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(tokenizer_dir, model_max_length=16)
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(tokenizer, projection_dim=32))
+    unet = tiny_unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=6 * 8 + 32)
+    scheduler = EulerDiscreteScheduler.from_config({**SD_SCHEDULE, "timestep_spacing": "leading"})
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(scaling_factor=0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2 if second_encoder
+        else None, tokenizer=tokenizer, tokenizer_2=tokenizer if second_encoder else None, unet=unet,
+        scheduler=scheduler, add_watermarker=False,
+    )
+
+
+def save_pipeline(root: Path, build, **options) -> Path:
+    """`build(tokenizer folder, **options).save_pretrained(root / "pipeline")`; returns that folder."""
+    build(root / "tokenizer-src", **options).save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 1.5-style pipeline folder, as `save_pretrained` writes it."""
+    return save_pipeline(tmp_path_factory.mktemp("tiny-sd"), build_tiny_sd_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL pipeline folder with both text encoders, as `save_pretrained` writes it."""
+    return save_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), build_tiny_sdxl_pipeline)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD3 pipeline folder without T5, as `save_pretrained` writes it."""
-    root = tmp_path_factory.mktemp("tiny-sd3")
-    build_tiny_sd3_pipeline(root / "tokenizer-src").save_pretrained(root / "pipeline")
-    return root / "pipeline"
+    return save_pipeline(tmp_path_factory.mktemp("tiny-sd3"), build_tiny_sd3_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_lcm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LCM pipeline folder, as `save_pretrained` writes it."""
-    root = tmp_path_factory.mktemp("tiny-lcm")
-    build_tiny_pipeline(root / "tokenizer-src").save_pretrained(root / "pipeline")
-    return root / "pipeline"
+    return save_pipeline(tmp_path_factory.mktemp("tiny-lcm"), build_tiny_pipeline)
 
 
 # ---- Tiny causal LMs for the text policy and text rewards ----

@@ -125,7 +125,7 @@ def text_base():
 @pytest.mark.parametrize("make, key, value, message", [
     (base.get_config, "model.max_new_tokens", 10, "model.max_new_tokens does not apply to policy 'lcm' (only to causal_lm)"),
     (base.get_config, "reward.missing_eos_penalty", -1.0, "reward.missing_eos_penalty does not apply to policy 'lcm'"),
-    (text_base, "model.num_steps", 4, "model.num_steps does not apply to policy 'causal_lm' (only to flow_match, lcm)"),
+    (text_base, "model.num_steps", 4, "model.num_steps does not apply to policy 'causal_lm' (only to ddim, flow_match, lcm)"),
     (text_base, "model.guidance_scale", 2.0, "model.guidance_scale does not apply to policy 'causal_lm'"),
     (text_base, "resolution", 256, "resolution does not apply to policy 'causal_lm'"),
     (text_base, "sample.decode_batch_size", 2, "sample.decode_batch_size does not apply to policy 'causal_lm'"),

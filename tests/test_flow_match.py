@@ -11,7 +11,9 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from rebel_diffusion.policies.flow_match import FlowMatchPolicy, cps_step, flow_sde_step, ode_step
-from test_lcm import image_rounding_tolerance
+from policy_checks import (assert_bf16_keeps_lora_float32_and_log_probs_recomputable,
+                           assert_kls_equal_torch_distributions, assert_recomputed_log_probs_equal_stored)
+from test_lcm import image_rounding_tolerance, perturb_lora
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
 STEPS, GUIDANCE = 4, 4.5
@@ -27,13 +29,6 @@ def make_policy(path, **options) -> FlowMatchPolicy:
 @functools.lru_cache(maxsize=1)
 def _loaded(path: str) -> StableDiffusion3Pipeline:
     return load_pipeline(path)
-
-
-def perturb_lora(policy: FlowMatchPolicy, scale: float = 0.05) -> None:
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def pipeline_images(pipeline, prompts, seed, guidance_scale=GUIDANCE):
@@ -136,7 +131,7 @@ def test_sampler_steps_follow_the_formulas_with_the_generators_noise(tiny_sd3_pa
     for step in range(policy.num_actions):
         sigma, sigma_next = policy.sigmas[step].double().item(), policy.sigmas[step + 1].double().item()
         with torch.no_grad():
-            v = policy.velocity(trajectory.states[:, step], step, trajectory.conditioning).double()
+            v = policy.guided_prediction(trajectory.states[:, step], step, trajectory.conditioning).double()
         x = trajectory.states[:, step].double()
         if sde == "flow_sde":  # written out again here, not calling the module
             std_t = a * math.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma)))
@@ -160,15 +155,7 @@ def test_sampler_steps_follow_the_formulas_with_the_generators_noise(tiny_sd3_pa
 def test_recomputed_log_probs_equal_stored(tiny_sd3_path, sde, reduction, window):
     policy = make_policy(tiny_sd3_path, sde=sde, logprob_reduction=reduction, sde_window=window)
     perturb_lora(policy)
-    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(1))
-    assert trajectory.log_probs.shape == (3, policy.num_actions) and torch.isfinite(trajectory.log_probs).all()
-    assert policy.step_chunks() == [range(t, t + 1) for t in range(policy.num_actions)]
-    for steps in policy.step_chunks():
-        recomputed, kl = policy.log_prob(trajectory, steps)
-        assert recomputed.requires_grad and kl is None
-        # Sampled with the LoRA merged into W, re-scored unmerged: fp32 rounding; a "sum" over 256 dims is ~ 1e2-1e3.
-        torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, steps.start : steps.stop], atol=1e-4,
-                                   rtol=1e-5 if reduction == "sum" else 0)
+    assert_recomputed_log_probs_equal_stored(policy, PROMPTS, reduction)
 
 
 def test_the_window_runs_ode_steps_outside_it(tiny_sd3_path):
@@ -180,14 +167,15 @@ def test_the_window_runs_ode_steps_outside_it(tiny_sd3_path):
     generator = torch.Generator().manual_seed(6)
     x = torch.randn((2, 16, 8, 8), generator=generator)
     with torch.no_grad():
-        v = windowed.velocity(x, 0, trajectory.conditioning)
+        v = windowed.guided_prediction(x, 0, trajectory.conditioning)
     torch.testing.assert_close(trajectory.states[:, 0], x + (windowed.sigmas[1] - windowed.sigmas[0]) * v,
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(trajectory.states[:, 1], trajectory.actions[:, 0])
     # The images come from an ODE step after the window: recomputing it from the last action gives them.
     with torch.no_grad():
         last = trajectory.actions[:, -1]
-        final = ode_step(windowed.velocity(last, 3, trajectory.conditioning), last, windowed.sigmas[3], windowed.sigmas[4])
+        v = windowed.guided_prediction(last, 3, trajectory.conditioning)
+        final = ode_step(v, last, windowed.sigmas[3], windowed.sigmas[4])
     torch.testing.assert_close(windowed.decode(final), trajectory.outputs, atol=1e-5, rtol=0)
 
 
@@ -199,29 +187,15 @@ def test_k1_and_exact_kl_equal_torch_distributions_against_a_separate_base(tiny_
     embeds, pooled = policy._unpack(trajectory.conditioning)
     negative, negative_pooled = policy.pipeline.encode_prompt([""] * 3, None, None, do_classifier_free_guidance=False,
                                                               max_sequence_length=256)[::2]
-    sampled, exact = [], []
-    with torch.no_grad():
-        _, kl = policy.log_prob(trajectory, range(policy.num_actions), with_kl=True)
-        for step in range(policy.num_actions):
-            state, action = trajectory.states[:, step], trajectory.actions[:, step]
-            t = policy.timesteps[step].expand(6)
-            means = []
-            for transformer in (policy.transformer, base):
-                out = transformer(hidden_states=torch.cat([state, state]), timestep=t,
-                                  encoder_hidden_states=torch.cat([negative, embeds]),
-                                  pooled_projections=torch.cat([negative_pooled, pooled])).sample
-                u, c = out.chunk(2)
-                means.append(flow_sde_step(u + GUIDANCE * (c - u), state, policy.sigmas[step], policy.sigmas[step + 1],
-                                           0.7))
-            (mean, std), (mean_ref, _) = means
-            pi, pi_ref = torch.distributions.Normal(mean, std), torch.distributions.Normal(mean_ref, std)
-            sampled.append((pi.log_prob(action) - pi_ref.log_prob(action)).flatten(1).mean(1))
-            exact.append(torch.distributions.kl_divergence(pi, pi_ref).flatten(1).mean(1))
-    sampled, exact = torch.stack(sampled, dim=1), torch.stack(exact, dim=1)
-    assert exact.min() > 0
-    torch.testing.assert_close(trajectory.kl, sampled, rtol=0, atol=2e-5)
-    torch.testing.assert_close(kl, exact, rtol=1e-4, atol=1e-7)
-    assert not torch.allclose(trajectory.kl, exact, rtol=1e-2, atol=0)
+
+    def gaussian(transformer, step, state):
+        out = transformer(hidden_states=torch.cat([state, state]), timestep=policy.timesteps[step].expand(6),
+                          encoder_hidden_states=torch.cat([negative, embeds]),
+                          pooled_projections=torch.cat([negative_pooled, pooled])).sample
+        u, c = out.chunk(2)
+        return flow_sde_step(u + GUIDANCE * (c - u), state, policy.sigmas[step], policy.sigmas[step + 1], 0.7)
+
+    assert_kls_equal_torch_distributions(policy, trajectory, base, gaussian)
 
 
 def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_ode_images(tiny_sd3_path, tmp_path):
@@ -321,74 +295,25 @@ def test_the_command_line_parses_the_window_and_exits_2_with_one_line(tiny_sd3_p
 @pytest.mark.parametrize("name, window", [("rebel", ()), ("rebel", (1, 2)), ("ppo", (1, 2)),
                                           ("grpo", ()), ("rloo", (2, 2))])
 def test_per_step_gradients_equal_the_full_graph(tiny_sd3_path, name, window):
-    from accelerate import Accelerator
+    from policy_checks import assert_chunked_gradients_equal_full_graph
 
-    import rebel_diffusion.trainer as trainer
-    from configs.base import get_config
-    from rebel_diffusion.algorithms import ALGORITHMS
-    from test_trainer import _full_graph_loss, _grads, _zero_grads
-
-    algorithm, config = ALGORITHMS[name], get_config()
-    config.kl_coef = 0.0 if algorithm.kl_in_reward else 0.3  # the KL loss term is part of the gradient checked
-    config.ppo.clip_range = config.grpo.clip_range = config.rloo.clip_range = 0.05
-    config.dpo.beta = 5.0
     torch.manual_seed(0)
     policy = make_policy(tiny_sd3_path, sde="flow_sde", sde_window=window)
-    perturb_lora(policy)
-    batch = policy.sample(PROMPTS + PROMPTS[1:2], generator=torch.Generator().manual_seed(4))
-    perturb_lora(policy)  # moved after sampling: the log-ratios are not zero
-    targets = torch.randn(4, generator=torch.Generator().manual_seed(5))
-    _full_graph_loss(policy, algorithm, batch, targets, config).backward()
-    expected = _grads(policy)
-    _zero_grads(policy)
-    if algorithm.pair_loss is not None:
-        stats = trainer.pair_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config)
-    else:
-        stats = trainer.step_loss_gradients(Accelerator(cpu=True), policy, algorithm, batch, targets, config, 0)
-    assert torch.isfinite(stats["loss"]) and any(g.abs().sum() > 0 for g in expected)
-    # Chunked and full-graph backward add the steps' gradients in other orders. The late flow_sde steps have stds of
-    # ~6e-3, whose 1 / std^2 makes their gradients far larger than the sum where steps cancel: a few elements differ by
-    # up to 2e-5 of the tensor's largest (measured: 3 of 256 at 8.5e-9 against a max of 4e-4). A missing step, a wrong
-    # sign or scale is off by O(1) of the max.
-    for got, want in zip(_grads(policy), expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert_chunked_gradients_equal_full_graph(policy, name, PROMPTS + PROMPTS[1:2], perturb_lora)
 
 
 def test_an_epoch_makes_the_floor_number_of_transformer_calls(tiny_sd3_path, tmp_path, monkeypatch):
     import rebel_diffusion.trainer as trainer
+    from policy_checks import count_denoiser_calls, floor_denoiser_calls
     from test_trainer import tiny_config
 
-    calls, make = [], trainer.make_policy
-
-    def counting(*args, **kwargs):
-        policy = make(*args, **kwargs)
-        policy.transformer.register_forward_pre_hook(
-            lambda module, args, kwargs: calls.append((len(kwargs["hidden_states"]), torch.is_grad_enabled())),
-            with_kwargs=True)
-        return policy
-
-    monkeypatch.setattr(trainer, "make_policy", counting)
+    calls = count_denoiser_calls(monkeypatch)
     config = tiny_config(tiny_sd3_path, tmp_path, policy="flow_match", num_epochs=1, **{
         "grid.num_prompts": 0, "model.num_steps": STEPS, "model.guidance_scale": GUIDANCE, "sample.sde_window": (1, 2)})
     trainer.train(config)
-    k, cfg, window = 2, 2, 2  # REBEL's pairs; every call carries the unconditional and conditional batch
-    batches, prompts = config.sample.num_batches_per_epoch, config.sample.batch_size
-    micro_batches = batches * prompts // config.train.batch_size
-    # Sampling: every one of the 4 steps, the ODE steps outside the window too, on each batch of k samples per prompt.
-    sampling = [(prompts * k * cfg, False)] * (STEPS * batches)
-    # At kl_coef 0 the logged KL is estimated on kl_log_samples trajectories: policy and base at each window step.
-    kl_logging = [(config.kl_log_samples * cfg, False)] * (2 * window)
-    # Training: one forward (and backward) per window step of each micro-batch, not per step of the chain.
-    training = [(config.train.batch_size * k * cfg, True)] * (window * micro_batches)
-    assert calls == sampling + kl_logging + training
+    assert calls == floor_denoiser_calls(config, STEPS, window=2)
 
 
 def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(tiny_sd3_path):
     policy = make_policy(tiny_sd3_path, sde="cps", noise_level=0.5, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
-    assert policy.transformer.dtype == torch.bfloat16 and policy.vae.dtype == torch.bfloat16
-    assert not policy.merge_for_sampling  # a fp32 LoRA merged into bf16 weights would round W + delta
-    trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(0))
-    assert trajectory.log_probs.dtype == torch.float32 and torch.isfinite(trajectory.log_probs).all()
-    recomputed, _ = policy.log_prob(trajectory, range(0, 1))
-    torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, :1], atol=1e-5, rtol=0)
+    assert_bf16_keeps_lora_float32_and_log_probs_recomputable(policy, PROMPTS[:2])

@@ -145,6 +145,7 @@ POLICIES = {
     "lcm": "rebel_diffusion.policies.lcm:LCMPolicy",
     "causal_lm": "rebel_diffusion.policies.causal_lm:CausalLMPolicy",
     "flow_match": "rebel_diffusion.policies.flow_match:FlowMatchPolicy",
+    "ddim": "rebel_diffusion.policies.ddim:DDIMPolicy",
 }
 
 

@@ -17,8 +17,6 @@ projections; VAE, text encoders and base weights stay frozen, and the reference 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -27,16 +25,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
-from diffusers.utils.torch_utils import randn_tensor
 from ml_collections import ConfigDict
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from tqdm.auto import tqdm
 
-from rebel_diffusion.grids import save_image_grid
-from rebel_diffusion.policies import same_prompt_pairs
-from rebel_diffusion.policies.lcm import (_adapters_disabled, freeze_and_add_lora, gaussian_kl, gaussian_log_prob,
-                                         merged_lora)
-from rebel_diffusion.trajectory import Trajectory
+from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_options, config_options, load_pipeline,
+                                                model_index, parse_window, pipeline_class_name)
 
 # The joint attention's image and text projections (Flow-GRPO's targets for SD3.5).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -118,31 +111,7 @@ def resolve_window(sde: str, noise_level: float, sde_window, num_steps: int) -> 
         raise ValueError(f"sample.noise_level must be positive for sample.sde={sde!r}, got {noise_level}")
     if sde == "cps" and noise_level >= 1:
         raise ValueError(f"sample.noise_level must be below 1 for sample.sde='cps' (sin(a pi/2) < 1), got {noise_level}")
-    available = stochastic_steps(sde, num_steps)
-    window = tuple(sde_window) if sde_window is not None else ()
-    if not window:
-        return 0, available
-    if len(window) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in window):
-        raise ValueError(f"sample.sde_window must be () or (first step, count) of integers, got {sde_window!r}")
-    first, count = window
-    if first < 0 or count < 1 or first + count > available:
-        raise ValueError(f"sample.sde_window {window} is outside the {available} stochastic steps of sample.sde={sde!r} "
-                         f"with model.num_steps={num_steps}: need 0 <= first, 1 <= count, first + count <= {available}")
-    return first, count
-
-
-def model_index(path: str | Path) -> dict:
-    """A local pipeline folder's `model_index.json`; {} for a Hub id or a folder without a readable one."""
-    index = Path(path).expanduser() / "model_index.json"
-    try:
-        return json.loads(index.read_text()) if index.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def pipeline_class_name(path: str | Path) -> str | None:
-    """The `_class_name` of a local pipeline folder's `model_index.json`; None for a Hub id or a folder without one."""
-    return model_index(path).get("_class_name")
+    return parse_window(sde_window, stochastic_steps(sde, num_steps), f"sample.sde={sde!r} with model.num_steps={num_steps}")
 
 
 def absent_components(path: str | Path) -> dict[str, None]:
@@ -163,7 +132,7 @@ def check_pipeline_family(path: str | Path) -> None:
                          "needs an SD3-style pipeline (choose the policy that fits the model)")
 
 
-class FlowMatchPolicy:
+class FlowMatchPolicy(WindowedDiffusionPolicy):
     """A LoRA-adapted `StableDiffusion3Pipeline` that samples trajectories and re-scores their stochastic steps.
 
     Implements `rebel_diffusion.policies.Policy`; the reference policy is the same transformer with the adapter off.
@@ -181,13 +150,11 @@ class FlowMatchPolicy:
         device, dtype: where it runs and the dtype of the frozen weights (LoRA weights stay float32).
     """
 
-    kind = "image"
     config_keys = frozenset({
         "model.pretrained", "model.num_steps", "model.guidance_scale", "model.logprob_reduction", "lora.rank",
         "lora.alpha", "lora.init", "lora.targets", "resolution", "sample.decode_batch_size", "train.gradient_checkpointing",
         "sample.sde", "sample.noise_level", "sample.sde_window",
     })
-    has_reference = True
 
     def __init__(
         self,
@@ -209,10 +176,7 @@ class FlowMatchPolicy:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if logprob_reduction not in ("mean", "sum"):
-            raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {logprob_reduction!r}")
-        if decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size must be at least 1, got {decode_batch_size}")
+        check_options(logprob_reduction, decode_batch_size)
         self.window_start, self.window_size = resolve_window(sde, noise_level, sde_window, num_steps)
         if not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"the pipeline's scheduler is a {type(pipeline.scheduler).__name__}, not the "
@@ -227,14 +191,9 @@ class FlowMatchPolicy:
         self.device = torch.device(device) if device is not None else pipeline.device
         self.dtype = dtype
         self.vae, self.transformer = pipeline.vae, pipeline.transformer
-        encoders = [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
-        self.lora_sites = freeze_and_add_lora(
-            self.transformer, [self.vae, *(e for e in encoders if e is not None)], self.device, dtype,
-            LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init, target_modules=list(lora_targets)),
-            gradient_checkpointing,
-        )
-        self.merge_for_sampling = dtype == torch.float32  # as in LCMPolicy: merging rounds W + delta to half precision
-        self.model = self.transformer  # the trainer may swap in a wrapper; every trained call goes through it
+        self._adapt(self.transformer, [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3],
+                    LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init,
+                               target_modules=list(lora_targets)), gradient_checkpointing)
 
         scheduler = pipeline.scheduler
         kwargs = {}
@@ -248,7 +207,6 @@ class FlowMatchPolicy:
         self.timesteps = scheduler.timesteps.clone()  # (N,) sigma * num_train_timesteps, what the transformer sees
         self.sigmas = scheduler.sigmas.clone().to(self.device)  # (N + 1,) shifted sigmas, ending at 0
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.do_cfg = guidance_scale > 1
 
     @classmethod
     def from_pretrained(
@@ -256,19 +214,10 @@ class FlowMatchPolicy:
     ) -> FlowMatchPolicy:
         """Load a `StableDiffusion3Pipeline` (a Hub id or a local folder, with or without T5) and wrap it."""
         path = str(model_id_or_path)
-        local = Path(path).expanduser()
-        if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-            raise FileNotFoundError(f"model {path!r} is neither an existing folder nor a Hugging Face Hub id (owner/name)")
-        check_pipeline_family(local)
+        check_pipeline_family(path)
         resolve_window(options.get("sde", "flow_sde"), options.get("noise_level", 0.7), options.get("sde_window", ()),
                        options.get("num_steps", 10))  # bad options fail before the model loads
-        try:
-            pipeline = StableDiffusion3Pipeline.from_pretrained(str(local) if local.exists() else path, dtype=dtype,
-                                                                **absent_components(local))
-        except (OSError, ValueError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FileNotFoundError(f"cannot load model {path!r}: {first_line}") from e
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = load_pipeline(StableDiffusion3Pipeline, path, dtype, **absent_components(path))
         return cls(pipeline, device=device, dtype=dtype, **options)
 
     @staticmethod
@@ -288,190 +237,36 @@ class FlowMatchPolicy:
         """The policy a training config describes (`model.*`, `lora.*`, `resolution`, `sample.sde*`,
         `sample.noise_level`, `sample.decode_batch_size`, `train.gradient_checkpointing`)."""
         cls.check_config(config)
-        targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()) or LORA_TARGETS
-        return cls.from_pretrained(
-            config.model.pretrained, device=device, dtype=dtype, num_steps=config.model.num_steps,
-            guidance_scale=config.model.guidance_scale, resolution=config.resolution, sde=config.sample.sde,
-            noise_level=config.sample.noise_level, sde_window=tuple(config.sample.sde_window),
-            logprob_reduction=config.model.logprob_reduction, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
-            lora_init=config.lora.init, lora_targets=targets, decode_batch_size=config.sample.get("decode_batch_size", 4),
-            gradient_checkpointing=config.train.get("gradient_checkpointing", False),
+        return cls.from_pretrained(config.model.pretrained, device=device, dtype=dtype, sde=config.sample.sde,
+                                   noise_level=config.sample.noise_level, sde_window=tuple(config.sample.sde_window),
+                                   **config_options(config, LORA_TARGETS))
+
+    def _encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=[prompt], prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
         )
+        return embeds[0], pooled[0]
 
-    @property
-    def num_actions(self) -> int:
-        """T: the stochastic steps of the window, each with a log-probability."""
-        return self.window_size
+    def _negative_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cached("")  # SD3's negative prompt defaults to ""
 
-    def check_prompts(self, prompts: list[str]) -> None:
-        """Any text is a valid prompt: the tokenizers truncate, as the pipeline does."""
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The LoRA weights."""
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    def step_chunks(self) -> list[range]:
-        """One step per graph: a single transformer graph alive at a time."""
-        return [range(step, step + 1) for step in range(self.num_actions)]
-
-    @torch.no_grad()
-    def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if prompt not in self._prompt_cache:
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt=[prompt], prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
-            )
-            self._prompt_cache[prompt] = (embeds[0], pooled[0])
-        return self._prompt_cache[prompt]
-
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """The conditioning `(B, L * D + P)`: each prompt's embeddings `(L, D)` flattened, then its pooled embedding
-        `(P,)`; computed once per distinct prompt (each on its own, so it never depends on its batch) and cached."""
-        pairs = [self._encode(p) for p in prompts]
-        return torch.stack([torch.cat([embeds.flatten(), pooled]) for embeds, pooled in pairs])
-
-    def _unpack(self, conditioning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings `(B, L, D)`, pooled `(B, P)`) from `encode_prompts`' packing."""
-        negative, _ = self._encode("")
-        length, dim = negative.shape
-        return conditioning[:, : length * dim].view(len(conditioning), length, dim), conditioning[:, length * dim :]
-
-    def velocity(self, latents: torch.Tensor, step: int, conditioning: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """The guided velocity `(B, C, h, w)` float32 at scheduler step `step`: one transformer call on the batch of
-        unconditional and conditional inputs (the pipeline's order), `u + g (c - u)`. `reference` runs the base
-        transformer (adapter off) without grad."""
-        embeds, pooled = self._unpack(conditioning)
-        model_input = latents.to(self.dtype)
-        if self.do_cfg:
-            negative, negative_pooled = self._encode("")
-            embeds = torch.cat([negative.expand(len(latents), -1, -1), embeds])
-            pooled = torch.cat([negative_pooled.expand(len(latents), -1), pooled])
-            model_input = torch.cat([model_input, model_input])
-        transformer = self.transformer if reference else self.model
+    def _call_denoiser(self, network: torch.nn.Module, model_input: torch.Tensor, step: int, embeds: torch.Tensor,
+                       pooled: torch.Tensor) -> torch.Tensor:
         timestep = self.timesteps[step].expand(len(model_input))
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32), \
-                _adapters_disabled(self.transformer, reference), torch.set_grad_enabled(torch.is_grad_enabled() and not reference):
-            v = transformer(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds.to(self.dtype),
-                            pooled_projections=pooled.to(self.dtype), return_dict=False)[0]
-        if self.do_cfg:
-            v_uncond, v_text = v.chunk(2)
-            v = v_uncond + self.guidance_scale * (v_text - v_uncond)
-        return v.float()
+        return network(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds,
+                       pooled_projections=pooled, return_dict=False)[0]
 
     def _gaussian(self, latents: torch.Tensor, step: int, conditioning: torch.Tensor,
                   reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean `(B, C, h, w)`, std 0-dim) of the stochastic step `step` (a scheduler index)."""
-        v = self.velocity(latents, step, conditioning, reference)
+        v = self.guided_prediction(latents, step, conditioning, reference)
         step_fn = flow_sde_step if self.sde == "flow_sde" else cps_step
         return step_fn(v, latents.float(), self.sigmas[step], self.sigmas[step + 1], self.noise_level)
 
-    def in_window(self, step: int) -> bool:
-        """Whether scheduler step `step` is a stochastic action (inside `sample.sde_window`)."""
-        return self.window_start <= step < self.window_start + self.window_size
-
-    @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator | None = None, with_kl: bool = False,
-               progress: bool = False) -> Trajectory:
-        """Sample `prompts` and record the window's stochastic steps.
-
-        Latents and noise are drawn in the pipeline's order from `generator`; with sde="ode" the images equal
-        `pipeline(prompts, num_inference_steps, guidance_scale, generator=generator, output_type="pt").images`.
-        `with_kl` also records `ln pi(a_t|s_t) - ln pi_ref(a_t|s_t)` at the sampled action (k1), as `LCMPolicy` does.
-
-        Returns:
-            A `Trajectory` with `states`/`actions` `(B, T, C, h, w)` (T = the window's steps), `log_probs` `(B, T)`,
-            `outputs` the images `(B, 3, H, W)` in [0, 1], `conditioning` `(B, L * D + P)` and with `with_kl` `kl`.
-        """
-        conditioning = self.encode_prompts(prompts)
-        side = self.resolution // self.pipeline.vae_scale_factor
-        shape = (len(prompts), self.transformer.config.in_channels, side, side)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        states, actions, stds, log_probs = [], [], [], []
-        with merged_lora(self.lora_sites) if self.merge_for_sampling else contextlib.nullcontext():
-            for step in tqdm(range(self.num_steps), desc="flow", leave=False, disable=not progress):
-                if not self.in_window(step):
-                    v = self.velocity(latents, step, conditioning)
-                    latents = ode_step(v, latents, self.sigmas[step], self.sigmas[step + 1])
-                    continue
-                mean, std = self._gaussian(latents, step, conditioning)
-                noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-                next_latents = mean + std * noise
-                log_probs.append(gaussian_log_prob(next_latents, mean, std, self.logprob_reduction))
-                states.append(latents)
-                actions.append(next_latents)
-                stds.append(std)
-                latents = next_latents
-        # The reference needs the unmerged weights with the adapter off: its passes run after the chain.
-        kls = [
-            log_prob - gaussian_log_prob(action, self._gaussian(state, self.window_start + j, conditioning, True)[0], std,
-                                         self.logprob_reduction)
-            for j, (state, action, std, log_prob) in enumerate(zip(states, actions, stds, log_probs))
-        ] if with_kl else []
-        images = self.decode(latents)
-        batch = len(prompts)
-        empty = torch.zeros((batch, 0, *shape[1:]), device=self.device)
-        log_probs = torch.stack(log_probs, dim=1) if log_probs else torch.zeros((batch, 0), device=self.device)
-        return Trajectory(
-            prompts=list(prompts),
-            states=torch.stack(states, dim=1) if states else empty,
-            actions=torch.stack(actions, dim=1) if actions else empty,
-            log_probs=log_probs,
-            mask=torch.ones_like(log_probs, dtype=torch.bool),
-            outputs=images,
-            conditioning=conditioning,
-            kl=(torch.stack(kls, dim=1) if kls else torch.zeros_like(log_probs)) if with_kl else None,
-        )
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images `(B, 3, H, W)` in [0, 1], float32, from final latents `(B, C, h, w)`, `decode_batch_size` at a time,
-        unscaled as the pipeline does: `latents / scaling_factor + shift_factor`."""
-        config, images = self.vae.config, []
-        for part in latents.split(self.decode_batch_size):
-            part = part.to(self.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
-            image = self.vae.decode(part, return_dict=False)[0]
-            images.append(self.pipeline.image_processor.postprocess(image, output_type="pt").float())
-        return torch.cat(images)
-
-    def log_prob(
-        self, trajectory: Trajectory, steps: range, with_kl: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log pi_theta(a_t | s_t) `(B, len(steps))` for window steps t, with grad; with `with_kl` also the exact
-        `gaussian_kl` of the step's two means (policy, base transformer) under its std `(B, len(steps))`."""
-        log_probs, kls = [], []
-        for j in steps:
-            step, state = self.window_start + j, trajectory.states[:, j]
-            mean, std = self._gaussian(state, step, trajectory.conditioning)
-            log_probs.append(gaussian_log_prob(trajectory.actions[:, j].float(), mean, std, self.logprob_reduction))
-            if with_kl:
-                mean_ref, _ = self._gaussian(state, step, trajectory.conditioning, reference=True)
-                kls.append(gaussian_kl(mean, mean_ref, std, self.logprob_reduction))
-        return torch.stack(log_probs, dim=1), torch.stack(kls, dim=1) if with_kl else None
-
-    @torch.no_grad()
-    def kl(self, trajectory: Trajectory) -> torch.Tensor:
-        """Per-step KL of the current policy to the base transformer on the trajectory's states `(B, T)`."""
-        return self.log_prob(trajectory, range(self.num_actions), with_kl=True)[1]
-
-    @torch.no_grad()
-    def save_samples(self, prompts: list[str], seeds: list[int], path: Path | None) -> None:
-        """A PNG grid at `path`.png: rows = prompts, columns = seeds; with `path` None, sample without writing."""
-        columns = [self.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs for seed in seeds]
-        if path is not None:
-            self.write_outputs(prompts, columns, path)
-
-    def write_outputs(self, prompts: list[str], outputs_by_seed: list[torch.Tensor], path: Path) -> None:
-        """A PNG grid at `path`.png: rows = prompts, columns = seeds."""
-        save_image_grid(torch.stack(outputs_by_seed, dim=1), prompts, Path(path).with_suffix(".png"))
-
-    @torch.no_grad()
-    def diversity(self, outputs: torch.Tensor, prompts: list[str]) -> float:
-        """Mean RMS pixel difference over pairs of same-prompt images (as `LCMPolicy.diversity`); NaN without a pair."""
-        first, second = same_prompt_pairs(prompts)
-        if not first:
-            return float("nan")
-        images = outputs.float()
-        return (images[first] - images[second]).square().flatten(1).mean(dim=1).sqrt().mean().item()
+    def _deterministic_step(self, latents: torch.Tensor, step: int, conditioning: torch.Tensor) -> torch.Tensor:
+        v = self.guided_prediction(latents, step, conditioning)
+        return ode_step(v, latents, self.sigmas[step], self.sigmas[step + 1])
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The transformer's LoRA weights in peft's naming, what `save_lora_weights` takes for SD3."""

@@ -12,22 +12,19 @@ image. The policy is a LoRA adapter on the UNet; VAE, text encoder and base UNet
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from diffusers import LatentConsistencyModelPipeline
-from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
 from ml_collections import ConfigDict
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
+from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from rebel_diffusion.grids import save_image_grid
-from rebel_diffusion.policies import same_prompt_pairs
+# Re-exported: the LCM chain's Gaussian, its KL and the LoRA helpers were first written here.
+from rebel_diffusion.policies.diffusion import (ImageOutputs, _adapters_disabled, check_options, config_options,
+                                                freeze_and_add_lora, gaussian_kl, gaussian_log_prob, load_pipeline,
+                                                load_unet_lora, merged_lora, predicted_original_sample, save_unet_lora)
 from rebel_diffusion.trajectory import Trajectory
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -56,110 +53,13 @@ def lcm_step(
     Returns:
         `denoised` `(B, C, h, w)`, and the mean `(B, C, h, w)` and std (0-dim) of the Gaussian over the next latent.
     """
-    beta_prod_t = 1 - alpha_prod_t
-    if prediction_type == "epsilon":
-        predicted_original_sample = (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
-    elif prediction_type == "sample":
-        predicted_original_sample = model_output
-    elif prediction_type == "v_prediction":
-        predicted_original_sample = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    x0, _ = predicted_original_sample(model_output, sample, alpha_prod_t, prediction_type)
     if clip_sample_range is not None:
-        predicted_original_sample = predicted_original_sample.clamp(-clip_sample_range, clip_sample_range)
-    denoised = c_out * predicted_original_sample + c_skip * sample
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    denoised = c_out * x0 + c_skip * sample
     mean = alpha_prod_t_prev.sqrt() * denoised
     std = (1 - alpha_prod_t_prev).sqrt()
     return denoised, mean, std
-
-
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
-    """log N(x; mean, std^2 I) per sample `(B,)`: the mean over latent dims (DDPO/RLCM's scale) or the exact sum."""
-    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    log_prob = log_prob.flatten(1)
-    return log_prob.mean(dim=1) if reduction == "mean" else log_prob.sum(dim=1)
-
-
-def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
-    """KL(N(mean, std^2 I) || N(mean_ref, std^2 I)) per sample `(B,)`: `(mean - mean_ref)^2 / (2 std^2)` reduced over
-    the latent dims like `gaussian_log_prob` ("mean" or "sum"), so that it sits on the log-probs' scale."""
-    kl = ((mean - mean_ref) ** 2 / (2 * std**2)).flatten(1)
-    return kl.mean(dim=1) if reduction == "mean" else kl.sum(dim=1)
-
-
-@contextlib.contextmanager
-def _adapters_disabled(unet: torch.nn.Module, disabled: bool) -> Iterator[None]:
-    """Run the base UNet (LoRA off) inside the block when `disabled`; the adapter is back on afterwards, even on error."""
-    if not disabled:
-        yield
-        return
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
-
-
-LoraSite = tuple[torch.nn.Module, str, LoraLayer]  # (parent module, attribute name, the LoRA layer there)
-
-
-def lora_sites(unet: torch.nn.Module) -> list[LoraSite]:
-    """Every peft LoRA layer of `unet` with the parent and attribute name it hangs from."""
-    modules = dict(unet.named_modules())
-    sites = []
-    for name, module in modules.items():
-        if isinstance(module, LoraLayer):
-            parent, _, attribute = name.rpartition(".")
-            sites.append((modules[parent], attribute, module))
-    return sites
-
-
-def freeze_and_add_lora(network: torch.nn.Module, frozen: list[torch.nn.Module], device: torch.device,
-                        dtype: torch.dtype, lora_config: LoraConfig, gradient_checkpointing: bool) -> list[LoraSite]:
-    """Freeze `network` and the `frozen` modules in `dtype` on `device`, add a fp32 LoRA adapter to `network` and return
-    its sites. diffusers checkpoints a block only when grad is enabled, so sampling (no_grad) runs as before."""
-    for module in [network, *frozen]:
-        module.requires_grad_(False)
-        module.to(device)
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
-    network.add_adapter(lora_config)
-    cast_training_params(network, dtype=torch.float32)
-    if gradient_checkpointing:
-        network.enable_gradient_checkpointing()
-    return lora_sites(network)
-
-
-@contextlib.contextmanager
-def merged_lora(sites: list[LoraSite]) -> Iterator[None]:
-    """Inside the block each LoRA layer is replaced by its base layer with weight `W + scaling * B @ A`.
-
-    An unmerged adapter costs two extra matmuls per projection at every UNet call, and even peft's merged layer a
-    Python wrapper call; with the bare base layers in place the UNet runs as the plain pipeline's does. peft's
-    `merge_adapter()` / `unmerge_adapter()` add and subtract the delta in place, so that every cycle leaves a rounding
-    residue in W that accumulates over a run; here the merged weight is a new tensor swapped in, and on exit, even on an
-    exception, the LoRA layers and the original weight tensors are put back: W is restored bit for bit. The merged
-    copies of the adapted projections exist only inside the block (a few percent of the UNet's weights).
-
-    The reference (adapter disabled) cannot run inside the block. Gradients would not reach the LoRA weights through
-    the merged copy, so the block refuses grad mode: it is for sampling only.
-    """
-    if torch.is_grad_enabled():
-        raise RuntimeError("merged_lora is for no-grad sampling: gradients do not reach LoRA weights merged into W")
-    swapped = []
-    try:
-        for parent, attribute, layer in sites:
-            base = layer.get_base_layer()
-            # A disabled adapter (the base model, e.g. `sample --compare-base`) contributes nothing to the merge.
-            adapters = [] if layer.disable_adapters else [name for name in layer.active_adapters if name in layer.lora_A]
-            swapped.append((parent, attribute, layer, base.weight.data))
-            base.weight.data = base.weight.data + sum(layer.get_delta_weight(name) for name in adapters)
-            setattr(parent, attribute, base)
-        yield
-    finally:
-        for parent, attribute, layer, data in swapped:
-            layer.get_base_layer().weight.data = data
-            setattr(parent, attribute, layer)
 
 
 def peak_memory_mb(device: torch.device | str) -> float | None:
@@ -171,7 +71,7 @@ def peak_memory_mb(device: torch.device | str) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-class LCMPolicy:
+class LCMPolicy(ImageOutputs):
     """A LoRA-adapted `LatentConsistencyModelPipeline` that samples trajectories and re-scores their steps.
 
     Implements `rebel_diffusion.policies.Policy`; the reference policy is the same UNet with the adapter disabled.
@@ -213,12 +113,9 @@ class LCMPolicy:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if logprob_reduction not in ("mean", "sum"):
-            raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {logprob_reduction!r}")
+        check_options(logprob_reduction, decode_batch_size)
         if num_steps < 2:
             raise ValueError(f"num_steps must be at least 2 (one stochastic step), got {num_steps}")
-        if decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size must be at least 1, got {decode_batch_size}")
         scheduler = pipeline.scheduler
         if scheduler.config.get("thresholding", False):
             raise ValueError("LCMScheduler thresholding is not supported by LCMPolicy")
@@ -279,18 +176,8 @@ class LCMPolicy:
         cls, model_id_or_path: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, **options
     ) -> LCMPolicy:
         """Load a `LatentConsistencyModelPipeline` (a Hub id or a local folder) and wrap it; `options` as in __init__."""
-        path = str(model_id_or_path)
-        local = Path(path).expanduser()
-        if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-            raise FileNotFoundError(f"model {path!r} is neither an existing folder nor a Hugging Face Hub id (owner/name)")
-        try:
-            pipeline = LatentConsistencyModelPipeline.from_pretrained(
-                str(local) if local.exists() else path, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
-        except (OSError, ValueError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FileNotFoundError(f"cannot load model {path!r}: {first_line}") from e
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = load_pipeline(LatentConsistencyModelPipeline, str(model_id_or_path), dtype, safety_checker=None,
+                                 requires_safety_checker=False)
         return cls(pipeline, device=device, dtype=dtype, **options)
 
     @classmethod
@@ -298,15 +185,8 @@ class LCMPolicy:
                     dtype: torch.dtype = torch.float32) -> LCMPolicy:
         """The policy a training config describes (`model.*`, `lora.*`, `resolution`, `sample.decode_batch_size`,
         `train.gradient_checkpointing`)."""
-        targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()) or LORA_TARGETS
-        return cls.from_pretrained(
-            config.model.pretrained, device=device, dtype=dtype, num_steps=config.model.num_steps,
-            guidance_scale=config.model.guidance_scale, resolution=config.resolution,
-            logprob_reduction=config.model.logprob_reduction, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
-            lora_init=config.lora.init, lora_targets=targets,
-            decode_batch_size=config.sample.get("decode_batch_size", 4),
-            gradient_checkpointing=config.train.get("gradient_checkpointing", False),
-        )
+        return cls.from_pretrained(config.model.pretrained, device=device, dtype=dtype,
+                                   **config_options(config, LORA_TARGETS))
 
     @property
     def num_actions(self) -> int:
@@ -408,18 +288,6 @@ class LCMPolicy:
             kl=torch.stack(kls, dim=1) if with_kl else None,
         )
 
-    @torch.no_grad()
-    def decode(self, denoised: torch.Tensor) -> torch.Tensor:
-        """Images `(B, 3, H, W)` in [0, 1], float32, from clean latents `(B, C, h, w)`, `decode_batch_size` at a time.
-
-        Each image is decoded on its own by the VAE (no layer mixes samples), so the slices equal one big decode.
-        """
-        images = []
-        for latents in denoised.split(self.decode_batch_size):
-            image = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-            images.append(self.pipeline.image_processor.postprocess(image, output_type="pt").float())
-        return torch.cat(images)
-
     def log_prob(
         self, trajectory: Trajectory, steps: range, with_kl: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -440,43 +308,10 @@ class LCMPolicy:
         """Per-step KL of the current policy to the base UNet on the trajectory's states `(B, T)`."""
         return self.log_prob(trajectory, range(self.num_actions), with_kl=True)[1]
 
-    @torch.no_grad()
-    def save_samples(self, prompts: list[str], seeds: list[int], path: Path | None) -> None:
-        """A PNG grid at `path`.png: rows = prompts, columns = seeds (each column one `torch.Generator` seed).
-
-        With `path` None it samples without writing: every process runs the same calls, one of them saves.
-        """
-        columns = [self.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs for seed in seeds]
-        if path is not None:
-            self.write_outputs(prompts, columns, path)
-
-    def write_outputs(self, prompts: list[str], outputs_by_seed: list[torch.Tensor], path: Path) -> None:
-        """A PNG grid at `path`.png: rows = prompts, columns = seeds."""
-        save_image_grid(torch.stack(outputs_by_seed, dim=1), prompts, Path(path).with_suffix(".png"))
-
-    @torch.no_grad()
-    def diversity(self, outputs: torch.Tensor, prompts: list[str]) -> float:
-        """Mean over pairs of same-prompt images of their RMS pixel difference, `sqrt(mean((a - b)^2))` over the
-        `(3, H, W)` values in [0, 1]: 0 for identical images, 1 for black against white; NaN without such a pair."""
-        first, second = same_prompt_pairs(prompts)
-        if not first:
-            return float("nan")
-        images = outputs.float()
-        return (images[first] - images[second]).square().flatten(1).mean(dim=1).sqrt().mean().item()
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights in diffusers' format, ready for `save_lora_weights`."""
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipeline.unet))
-
     def save_lora(self, directory: str | Path) -> None:
         """Write `pytorch_lora_weights.safetensors`, loadable with `pipeline.load_lora_weights(directory)`."""
-        LatentConsistencyModelPipeline.save_lora_weights(directory, unet_lora_layers=self.lora_state_dict())
+        save_unet_lora(LatentConsistencyModelPipeline, self.pipeline.unet, directory)
 
     def load_lora(self, directory: str | Path) -> None:
         """Load LoRA weights written by `save_lora` into this policy's adapter."""
-        state, _ = LatentConsistencyModelPipeline.lora_state_dict(str(directory))
-        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(self.pipeline.unet, convert_unet_state_dict_to_peft(unet_state))
-        if result is not None and getattr(result, "unexpected_keys", None):
-            raise ValueError(f"LoRA weights in {directory} do not fit this UNet: {result.unexpected_keys[:3]}")
-        cast_training_params(self.pipeline.unet, dtype=torch.float32)
+        load_unet_lora(LatentConsistencyModelPipeline, self.pipeline.unet, directory)
