@@ -168,3 +168,25 @@ def test_every_shipped_config_passes_the_key_check(name):
     from rebel_diffusion.config_keys import check_config_keys
 
     check_config_keys(importlib.import_module(f"configs.{name}").get_config())
+
+
+def test_sd35_pickscore_grpo_is_flow_grpos_setting_and_rebel_spends_the_same_images():
+    from configs import sd35_pickscore_grpo, sd35_pickscore_rebel
+    from rebel_diffusion.algorithms import ALGORITHMS
+
+    g, r = sd35_pickscore_grpo.get_config(), sd35_pickscore_rebel.get_config()
+    # flow_grpo's pickscore_sd3 (config/grpo.py, config/base.py).
+    assert (g.model.pretrained, g.model.num_steps, g.model.guidance_scale, g.resolution) == (
+        "stabilityai/stable-diffusion-3.5-medium", 10, 4.5, 512)
+    assert (g.sample.sde, g.sample.noise_level, tuple(g.sample.sde_window), g.grpo.k) == ("flow_sde", 0.7, (0, 9), 24)
+    assert (g.grpo.clip_range, g.grpo.adv_clip_max, g.kl_coef, g.train.learning_rate) == (1e-4, 5.0, 0.01, 3e-4)
+    assert (g.lora.rank, g.lora.alpha, g.train.max_grad_norm, g.train.adam_weight_decay) == (32, 64.0, 1.0, 1e-4)
+
+    def per_epoch(c):
+        """Images sampled and optimizer steps per process and epoch."""
+        groups = c.sample.batch_size * c.sample.num_batches_per_epoch
+        images = groups * ALGORITHMS[c.algorithm].group_size(c)
+        return images, groups // (c.train.batch_size * c.train.gradient_accumulation_steps)
+
+    assert per_epoch(g) == per_epoch(r) == (144, 2)  # 48 prompts x 24 images over 8 processes; 2 steps an epoch
+    assert (r.algorithm, r.kl_coef, r.sample.batch_size * 2) == ("rebel", 0.0, 24)  # 24 images per sampling call
