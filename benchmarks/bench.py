@@ -314,7 +314,8 @@ def update_call(accelerator: Accelerator, policy: LCMPolicy, algorithm: str, tra
 
 
 def update_rows(name: str, policy: LCMPolicy, accelerator: Accelerator, algorithms: list[str], repeats: int) -> list[Row]:
-    sizes = {a: ALGORITHMS[a].group_size(algorithm_config(a)) for a in algorithms}
+    # A micro-batch holds the samples that train: a whole group, but preference REBEL's comparator y''.
+    sizes = {a: ALGORITHMS[a].trained_samples or ALGORITHMS[a].group_size(algorithm_config(a)) for a in algorithms}
     trajectories = {k: policy.sample([PROMPT] * k, generator=torch.Generator().manual_seed(k)) for k in set(sizes.values())}
     cases = {f"pass{k}": unet_forward_backward(policy, trajectory) for k, trajectory in trajectories.items()}
     cases.update({a: update_call(accelerator, policy, a, trajectories[sizes[a]]) for a in algorithms})
