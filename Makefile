@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TESTS ?= tests
 LAUNCH := $(VENV)/bin/python -m rebel_diffusion.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: quickstart quickstart-ppo quickstart-rloo quickstart-grpo quickstart-online-dpo quickstart-text figure3 demo-offline-mu test test-slow
+.PHONY: quickstart quickstart-ppo quickstart-rloo quickstart-grpo quickstart-online-dpo quickstart-text figure3 demo-offline-mu demo-preference test test-slow
 
 # TORCH=cpu (opt-in: `make quickstart TORCH=cpu`) installs torch and torchvision from PyTorch's CPU wheel index before
 # the package, so that a CPU-only machine skips the ~6 GB of CUDA wheels the default index's torch pulls in; any other
@@ -46,6 +46,10 @@ figure3: $(STAMP)
 ## REBEL's offline mu (the right sums as y') against mu = pi_t on the text quickstart, 5 seeds each: docs/offline_mu
 demo-offline-mu: $(STAMP)
 	$(VENV)/bin/python scripts/offline_mu_demo.py --seeds 5 --jobs 2 --logdir runs/offline_mu --out docs/offline_mu
+
+## Preference REBEL with a pairwise shape judge against REBEL on the scalar reward, image quickstart, 5 seeds each
+demo-preference: $(STAMP)
+	$(VENV)/bin/python scripts/preference_demo.py --seeds 5 --jobs 2 --logdir runs/preference --out docs/preference
 
 ## The test suite without the slow end-to-end runs
 test: $(STAMP)
