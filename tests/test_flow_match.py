@@ -392,3 +392,14 @@ def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(tiny_sd3
     assert trajectory.log_probs.dtype == torch.float32 and torch.isfinite(trajectory.log_probs).all()
     recomputed, _ = policy.log_prob(trajectory, range(0, 1))
     torch.testing.assert_close(recomputed.detach(), trajectory.log_probs[:, :1], atol=1e-5, rtol=0)
+
+
+def test_max_sequence_length_sets_the_rows_of_t5_zeros(tiny_sd3_path, tmp_path):
+    from test_trainer import tiny_config
+
+    config = tiny_config(tiny_sd3_path, tmp_path, policy="flow_match", **{"model.num_steps": STEPS,
+                                                                          "model.max_sequence_length": 8})
+    policy = FlowMatchPolicy.from_config(config)
+    embeds, pooled = policy._encode(PROMPTS[0])
+    assert embeds.shape == (16 + 8, 64) and pooled.shape == (64,)  # 16 CLIP tokens, then the 8 rows of zeros
+    assert not embeds[16:].any()

@@ -185,7 +185,7 @@ class FlowMatchPolicy:
     config_keys = frozenset({
         "model.pretrained", "model.num_steps", "model.guidance_scale", "model.logprob_reduction", "lora.rank",
         "lora.alpha", "lora.init", "lora.targets", "resolution", "sample.decode_batch_size", "train.gradient_checkpointing",
-        "sample.sde", "sample.noise_level", "sample.sde_window",
+        "sample.sde", "sample.noise_level", "sample.sde_window", "model.max_sequence_length",
     })
     has_reference = True
 
@@ -286,7 +286,7 @@ class FlowMatchPolicy:
     def from_config(cls, config: ConfigDict, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32) -> FlowMatchPolicy:
         """The policy a training config describes (`model.*`, `lora.*`, `resolution`, `sample.sde*`,
-        `sample.noise_level`, `sample.decode_batch_size`, `train.gradient_checkpointing`)."""
+        `sample.noise_level`, `sample.decode_batch_size`, `train.gradient_checkpointing`, `model.max_sequence_length`)."""
         cls.check_config(config)
         targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()) or LORA_TARGETS
         return cls.from_pretrained(
@@ -296,6 +296,7 @@ class FlowMatchPolicy:
             logprob_reduction=config.model.logprob_reduction, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
             lora_init=config.lora.init, lora_targets=targets, decode_batch_size=config.sample.get("decode_batch_size", 4),
             gradient_checkpointing=config.train.get("gradient_checkpointing", False),
+            max_sequence_length=config.model.get("max_sequence_length", 256),
         )
 
     @property
