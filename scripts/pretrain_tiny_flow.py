@@ -47,11 +47,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_tiny_lcm import (MAX_TOKENS, QUICKSTART, REPO, accuracy, encode_latents, folder_mb,  # noqa: E402
-                               log, lr_at, pretraining_parser, save_grid)
+from pretrain_tiny_lcm import (QUICKSTART, REPO, accuracy, encode_latents, folder_mb,  # noqa: E402
+                               log, lr_at, pretraining_parser, save_grid, seeded_dataset,
+                               text_encoder_config)
 
 from rebel_diffusion import shapes  # noqa: E402
 
@@ -73,21 +74,8 @@ def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def make_text_encoder(hidden: int) -> CLIPTextModelWithProjection:
-    """A two-layer CLIP text transformer with its pooled projection, over the full CLIP vocabulary (the real
-    tokenizer's ids reach 49407); the vocabulary table is most of its size."""
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_TOKENS,
-        projection_dim=hidden,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    return CLIPTextModelWithProjection(config)
+    """The tiny LCM's CLIP text transformer with its pooled projection; the vocabulary table is most of its size."""
+    return CLIPTextModelWithProjection(text_encoder_config(hidden))
 
 
 def make_transformer(text_dim: int, layers: int, patch_size: int) -> SD3Transformer2DModel:
@@ -213,10 +201,7 @@ def main() -> None:
     if args.evaluate_only:
         evaluate(args.out, args.samples, args.seed, start)
         return
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-
-    images, captions, _ = shapes.generate_dataset(args.dataset_size, rng)
+    rng, images, captions = seeded_dataset(args.seed, args.dataset_size)
     vae = load_vae()
     latents = encode_latents(vae, images) * vae.config.scaling_factor
     log(f"rendered and encoded {len(images)} images (latent std {latents.std().item():.3f})", start)

@@ -102,20 +102,26 @@ def make_vae() -> AutoencoderKL:
     )
 
 
-def make_text_encoder(hidden: int) -> CLIPTextModel:
-    """A two-layer CLIP text transformer over the full CLIP vocabulary (the real tokenizer's ids reach 49407)."""
-    config = CLIPTextConfig(
+def text_encoder_config(hidden: int) -> CLIPTextConfig:
+    """A two-layer CLIP text transformer over the full CLIP vocabulary (the real tokenizer's ids reach 49407); a
+    projection, where one is used, keeps the width."""
+    return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=MAX_TOKENS,
+        projection_dim=hidden,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModel(config)
+
+
+def make_text_encoder(hidden: int) -> CLIPTextModel:
+    """The CLIP text transformer of `text_encoder_config`."""
+    return CLIPTextModel(text_encoder_config(hidden))
 
 
 def make_unet(cross_attention_dim: int) -> UNet2DConditionModel:
@@ -313,6 +319,15 @@ def pretraining_parser(description: str, out: Path, samples: Path) -> argparse.A
     return parser
 
 
+def seeded_dataset(seed: int, size: int) -> tuple[np.random.Generator, np.ndarray, list[str]]:
+    """Seed torch, and render `size` images with their captions from a generator seeded alike (returned for the
+    training stages to draw from): the same seed gives every pretraining script the same data."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images, captions, _ = shapes.generate_dataset(size, rng)
+    return rng, images, captions
+
+
 def folder_mb(path: Path) -> float:
     """The size of a folder's files in MiB."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
@@ -334,10 +349,7 @@ def main() -> None:
     if args.evaluate_only:
         evaluate(args.out, args.samples, args.seed, start)
         return
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-
-    images, captions, _ = shapes.generate_dataset(args.dataset_size, rng)
+    rng, images, captions = seeded_dataset(args.seed, args.dataset_size)
     log(f"rendered {len(images)} images", start)
 
     vae = train_vae(images, args.vae_steps, args.vae_batch, rng, start)
