@@ -3,8 +3,8 @@ SDE (`sample.sde="flow_sde"`): the large_shape reward teaches it to draw the pro
 quickstart (configs/quickstart_rebel.py) does for the tiny LCM, and the 60 held-out captions follow.
 
 Everything else is the image quickstart's: its 12 training prompts, 32 epochs of 24 reward queries (12 pairs) and 3
-optimizer steps, its held-out evaluation (60 captions x 2 seeds, every 8 epochs). A run took 78 s on 2 cores shared
-with another run (about 2 s per epoch).
+optimizer steps, its held-out evaluation (60 captions x 2 seeds, every 8 epochs). A run took 44 s alone on 2 cores and
+80 s beside another job (about 1-2 s per epoch).
 
 The choices, from single runs at seed 0 (training reward: first epoch -> mean of the last 3; held-out large_shape:
 before -> after):
@@ -12,8 +12,8 @@ before -> after):
 * guidance 1 (no classifier-free guidance): guidance 3 draws the prompted shape more often (62% against 34% of
   samples, scripts/pretrain_tiny_flow.py) but doubles every transformer call; at 1 the blobby shapes leave the reward
   room to grow.
-* 8 steps, noise level 0.7 (Flow-GRPO's), window (0, 4): the first four steps, where the layout and size of the shape
-  are decided, are the actions; the last four are ODE steps, which halves the training passes. The whole window (8
+* 8 steps, noise level 0.7 (Flow-GRPO's), window (0, 4): the first four, high-noise steps (sigma 1 down to 0.69 with the
+  shift of 3), where the shape's place and size form, are the actions; the last four are ODE steps, which halves the training passes. The whole window (8
   steps) at lr 1e-3 learned no faster: held-out 0.528 -> 0.606 after 24 epochs, against 0.543 -> 0.646 with (0, 4).
 * lr 1e-3: 5e-4 learned more slowly (0.463 -> 0.630, held-out 0.543 -> 0.638 after 32 epochs); 1e-3 gave
   0.463 -> 0.656 and 0.543 -> 0.658, with held-out shape accuracy 0.333 -> 0.467 and diversity 0.194 -> 0.166;
