@@ -12,12 +12,14 @@ before -> after):
 * guidance 1 (no classifier-free guidance): guidance 3 draws the prompted shape more often (62% against 34% of
   samples, scripts/pretrain_tiny_flow.py) but doubles every transformer call; at 1 the blobby shapes leave the reward
   room to grow.
-* 8 steps, noise level 0.7 (Flow-GRPO's), window (0, 4): the first four, high-noise steps (sigma 1 down to 0.69 with the
-  shift of 3), where the shape's place and size form, are the actions; the last four are ODE steps, which halves the training passes. The whole window (8
-  steps) at lr 1e-3 learned no faster: held-out 0.528 -> 0.606 after 24 epochs, against 0.543 -> 0.646 with (0, 4).
+* 8 steps, noise level 0.7 (Flow-GRPO's), window (0, 4): the first four, high-noise steps (sigma 1 down to 0.69
+  with the shift of 3), where the shape's place and size form, are the actions; the last four are ODE steps, which
+  halves the training passes. The whole window (8 steps) at lr 1e-3 learned no faster: held-out 0.528 -> 0.606 after
+  24 epochs, against 0.543 -> 0.646 with (0, 4).
 * lr 1e-3: 5e-4 learned more slowly (0.463 -> 0.630, held-out 0.543 -> 0.638 after 32 epochs); 1e-3 gave
   0.463 -> 0.656 and 0.543 -> 0.658, with held-out shape accuracy 0.333 -> 0.467 and diversity 0.194 -> 0.166;
-  2e-3 rose as fast, then fell back (held-out 0.670 at 32 epochs, 0.646 at 40) with diversity down to 0.146.
+  2e-3 learned about as fast (held-out 0.670 after 32 epochs) but swung more (0.646 at epoch 40, 0.678 at 48) and
+  cut diversity to 0.144-0.146.
 * 32 epochs: 48 at lr 1e-3 ended no higher (held-out 0.653; the training reward swings by +-0.07 from epoch to epoch).
 """
 
