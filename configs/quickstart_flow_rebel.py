@@ -1,6 +1,6 @@
-"""REBEL on the tiny flow-matching model shipped in assets/tiny-flow (an SD3-style pipeline), on the CPU, with Flow-GRPO's
-SDE (`sample.sde="flow_sde"`): the large_shape reward teaches it to draw the prompted shape large, as the image
-quickstart (configs/quickstart_rebel.py) does for the tiny LCM, and the 60 held-out captions follow.
+"""REBEL on the tiny flow-matching model shipped in assets/tiny-flow (an SD3-style pipeline), on the CPU, with
+Flow-GRPO's SDE (`sample.sde="flow_sde"`): the large_shape reward teaches it to draw the prompted shape large, as the
+image quickstart (configs/quickstart_rebel.py) does for the tiny LCM, and the 60 held-out captions follow.
 
 Everything else is the image quickstart's: its 12 training prompts, 32 epochs of 24 reward queries (12 pairs) and 3
 optimizer steps, its held-out evaluation (60 captions x 2 seeds, every 8 epochs). A run took 44 s alone on 2 cores and

@@ -15,7 +15,7 @@ from rebel_diffusion.policies.flow_match import FlowMatchPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "assets" / "tiny-flow"
-PROMPTS = [line.strip() for line in (REPO / "assets" / "quickstart_prompts.txt").read_text().splitlines() if line.strip()]
+PROMPTS = [p.strip() for p in (REPO / "assets" / "quickstart_prompts.txt").read_text().splitlines() if p.strip()]
 T5_TOKENS = 16  # the rows of T5 zeros it was pretrained with (scripts/pretrain_tiny_flow.py)
 
 
