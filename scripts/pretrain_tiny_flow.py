@@ -31,6 +31,7 @@ The shipped model (4,000 steps of 64, seed 0) took 15 minutes with `--threads 1`
 jobs (2 rendering and encoding the data, 13 training) and is 17.9 MB. Its 8-step ODE samples show the prompted colour in
 99-100% of samples at guidance 1 and 3; the prompted shape in 34% at guidance 1 (the shapes come out as rounded blobs)
 and 62% at guidance 3 (chance: 25%), over all 72 captions x 2 seeds and the 12 quickstart prompts x 4 seeds alike.
+A rerun (11 minutes on a less busy machine) wrote byte-identical weights.
 
 Run from the repo root:  .venv/bin/python scripts/pretrain_tiny_flow.py --threads 1
 Only re-score the saved model:  .venv/bin/python scripts/pretrain_tiny_flow.py --evaluate-only
