@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TESTS ?= tests
 LAUNCH := $(VENV)/bin/python -m rebel_diffusion.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: quickstart quickstart-ppo quickstart-rloo quickstart-grpo quickstart-online-dpo quickstart-text figure3 demo-offline-mu demo-preference test test-slow
+.PHONY: quickstart quickstart-flow quickstart-ppo quickstart-rloo quickstart-grpo quickstart-online-dpo quickstart-text figure3 demo-offline-mu demo-preference test test-slow
 
 # TORCH=cpu (opt-in: `make quickstart TORCH=cpu`) installs torch and torchvision from PyTorch's CPU wheel index before
 # the package, so that a CPU-only machine skips the ~6 GB of CUDA wheels the default index's torch pulls in; any other
@@ -34,6 +34,10 @@ quickstart-grpo: $(STAMP)
 	$(LAUNCH) train.py --config configs/quickstart_grpo.py
 quickstart-online-dpo: $(STAMP)
 	$(LAUNCH) train.py --config configs/quickstart_online_dpo.py
+
+## REBEL with Flow-GRPO's SDE on the tiny SD3-style flow model shipped in assets/tiny-flow, on the CPU
+quickstart-flow: $(STAMP)
+	$(LAUNCH) train.py --config configs/quickstart_flow_rebel.py
 
 ## REBEL on the tiny addition language model shipped in assets/tiny-lm, on the CPU
 quickstart-text: $(STAMP)

@@ -31,6 +31,8 @@ def get_config() -> ConfigDict:
     config.model.num_steps = 8
     config.model.guidance_scale = 8.0  # through the UNet's w-embedding
     config.model.logprob_reduction = "mean"  # "mean" over latent dims (RLCM/DDPO scale) or "sum" (exact density)
+    # flow_match: the T5 token count (the pipeline's max_sequence_length; rows of zeros when the folder has no T5)
+    config.model.max_sequence_length = 256
     # causal_lm only: sampling of responses with transformers' generate
     config.model.max_new_tokens = 53
     config.model.temperature = 0.7

@@ -6,7 +6,8 @@ over seeds, at equal reward queries, compared by IQM with stratified bootstrap i
 Runs that already finished in `--logdir` are reused, so an interrupted sweep continues where it stopped. Writes
 `curves.png`, `curves.csv`, `final.csv` (IQM of the training reward and probability of improvement, from
 `rebel_diffusion.compare`) and `gains.md` (each algorithm's training-reward gain and the change of each held-out
-metric, means over seeds with 95% t-intervals) to `--out`.
+metric, means over seeds with 95% t-intervals) to `--out`. `--config` runs other configs with the same tables: the
+flow quickstart's 5 seeds are `--config 'configs/quickstart_flow_{algorithm}.py' --algorithms rebel --seeds 5`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ from rebel_diffusion.compare import main as compare_main  # noqa: E402
 from rebel_diffusion.compare import mean_ci  # noqa: E402 -- the seeds are independent runs
 
 ALGORITHMS = ("rebel", "ppo", "rloo", "grpo", "online_dpo")
+CONFIG = "configs/quickstart_{algorithm}.py"
 
 
 def finished(run_dir: Path, num_epochs: int) -> bool:
@@ -53,12 +56,12 @@ def train_run(config: str, seed: int, run_dir: Path, extra: list[str]) -> int:
     return result.returncode
 
 
-def run_one(algorithm: str, seed: int, logdir: Path, num_epochs: int) -> tuple[str, int, int]:
-    """Train one quickstart run unless it already finished, and return its exit code."""
+def run_one(algorithm: str, seed: int, logdir: Path, num_epochs: int, config: str = CONFIG) -> tuple[str, int, int]:
+    """Train one run of `config` (its `{algorithm}` filled in) unless it already finished; return its exit code."""
     run_dir = logdir / f"{algorithm}_seed{seed}"
     if finished(run_dir, num_epochs):
         return algorithm, seed, 0
-    return algorithm, seed, train_run(f"configs/quickstart_{algorithm}.py", seed, run_dir, [])
+    return algorithm, seed, train_run(config.format(algorithm=algorithm), seed, run_dir, [])
 
 
 EVAL_METRICS = ("eval_large_shape", "eval_shape_accuracy", "eval_shape_fidelity", "eval_diversity")
@@ -126,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each on one thread)")
     parser.add_argument("--logdir", type=Path, default=Path("runs/figure3"))
     parser.add_argument("--out", type=Path, default=Path("docs/figure3"))
+    parser.add_argument("--config", default=CONFIG, help="each algorithm's config file, {algorithm} filled in (the "
+                        "flow quickstart: configs/quickstart_flow_{algorithm}.py with --algorithms rebel)")
     args = parser.parse_args(argv)
     logdir = args.logdir.resolve()
-    num_epochs = _quickstart_epochs()
+    num_epochs = _num_epochs(args.config.format(algorithm=args.algorithms[0]))
     jobs = [(a, s) for s in range(args.first_seed, args.seeds) for a in args.algorithms]
     with ThreadPoolExecutor(args.jobs) as pool:
-        failures = [r for r in pool.map(lambda job: run_one(*job, logdir, num_epochs), jobs) if r[2]]
+        failures = [r for r in pool.map(lambda job: run_one(*job, logdir, num_epochs, args.config), jobs) if r[2]]
     if failures:
         print(f"{len(failures)} runs failed: {failures}", file=sys.stderr)
         return 1
@@ -144,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _quickstart_epochs() -> int:
-    from configs.quickstart_rebel import get_config as quickstart
-
-    return quickstart().num_epochs
+def _num_epochs(config: str) -> int:
+    """The epochs of a run of `config` (the same for every algorithm: the configs share one budget)."""
+    return runpy.run_path(str(REPO / config))["get_config"]().num_epochs
 
 
 if __name__ == "__main__":

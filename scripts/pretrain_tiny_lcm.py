@@ -102,20 +102,26 @@ def make_vae() -> AutoencoderKL:
     )
 
 
-def make_text_encoder(hidden: int) -> CLIPTextModel:
-    """A two-layer CLIP text transformer over the full CLIP vocabulary (the real tokenizer's ids reach 49407)."""
-    config = CLIPTextConfig(
+def text_encoder_config(hidden: int) -> CLIPTextConfig:
+    """A two-layer CLIP text transformer over the full CLIP vocabulary (the real tokenizer's ids reach 49407); a
+    projection, where one is used, keeps the width."""
+    return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=MAX_TOKENS,
+        projection_dim=hidden,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModel(config)
+
+
+def make_text_encoder(hidden: int) -> CLIPTextModel:
+    """The CLIP text transformer of `text_encoder_config`."""
+    return CLIPTextModel(text_encoder_config(hidden))
 
 
 def make_unet(cross_attention_dim: int) -> UNet2DConditionModel:
@@ -301,19 +307,41 @@ def evaluate(model_dir: Path, grid_path: Path, seed: int, start: float) -> None:
         log(f"all captions, guidance {scale}: colour {colour_acc:.3f} shape {shape_acc:.3f} over {len(images)}", start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "assets" / "tiny-lcm")
-    parser.add_argument("--samples", type=Path, default=REPO / "docs" / "tiny_lcm_samples.png")
+def pretraining_parser(description: str, out: Path, samples: Path) -> argparse.ArgumentParser:
+    """The options every tiny-model pretraining script takes: where to save, the sample grid, seed, data, threads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--samples", type=Path, default=samples)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset-size", type=int, default=20000)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--evaluate-only", action="store_true", help="only sample and score the saved model")
+    return parser
+
+
+def seeded_dataset(seed: int, size: int) -> tuple[np.random.Generator, np.ndarray, list[str]]:
+    """Seed torch, and render `size` images with their captions from a generator seeded alike (returned for the
+    training stages to draw from): the same seed gives every pretraining script the same data."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images, captions, _ = shapes.generate_dataset(size, rng)
+    return rng, images, captions
+
+
+def folder_mb(path: Path) -> float:
+    """The size of a folder's files in MiB."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def main() -> None:
+    parser = pretraining_parser(
+        __doc__.splitlines()[0], REPO / "assets" / "tiny-lcm", REPO / "docs" / "tiny_lcm_samples.png"
+    )
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--unet-steps", type=int, default=2400)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=32, help="text encoder width = UNet cross-attention dim")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--evaluate-only", action="store_true", help="only sample and score the saved model")
     args = parser.parse_args()
 
     start = time.time()
@@ -321,10 +349,7 @@ def main() -> None:
     if args.evaluate_only:
         evaluate(args.out, args.samples, args.seed, start)
         return
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-
-    images, captions, _ = shapes.generate_dataset(args.dataset_size, rng)
+    rng, images, captions = seeded_dataset(args.seed, args.dataset_size)
     log(f"rendered {len(images)} images", start)
 
     vae = train_vae(images, args.vae_steps, args.vae_batch, rng, start)
@@ -361,8 +386,7 @@ def main() -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(args.out, safe_serialization=True)
-    size_mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 2**20
-    log(f"saved {args.out} ({size_mb:.1f} MB)", start)
+    log(f"saved {args.out} ({folder_mb(args.out):.1f} MB)", start)
 
     evaluate(args.out, args.samples, args.seed, start)
 

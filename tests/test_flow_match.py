@@ -317,3 +317,14 @@ def test_an_epoch_makes_the_floor_number_of_transformer_calls(tiny_sd3_path, tmp
 def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(tiny_sd3_path):
     policy = make_policy(tiny_sd3_path, sde="cps", noise_level=0.5, dtype=torch.bfloat16)
     assert_bf16_keeps_lora_float32_and_log_probs_recomputable(policy, PROMPTS[:2])
+
+
+def test_max_sequence_length_sets_the_rows_of_t5_zeros(tiny_sd3_path, tmp_path):
+    from test_trainer import tiny_config
+
+    config = tiny_config(tiny_sd3_path, tmp_path, policy="flow_match", **{"model.num_steps": STEPS,
+                                                                          "model.max_sequence_length": 8})
+    policy = FlowMatchPolicy.from_config(config)
+    embeds, pooled = policy._encode_prompt(PROMPTS[0])
+    assert embeds.shape == (16 + 8, 64) and pooled.shape == (64,)  # 16 CLIP tokens, then the 8 rows of zeros
+    assert not embeds[16:].any()

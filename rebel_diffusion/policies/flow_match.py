@@ -153,7 +153,7 @@ class FlowMatchPolicy(WindowedDiffusionPolicy):
     config_keys = frozenset({
         "model.pretrained", "model.num_steps", "model.guidance_scale", "model.logprob_reduction", "lora.rank",
         "lora.alpha", "lora.init", "lora.targets", "resolution", "sample.decode_batch_size", "train.gradient_checkpointing",
-        "sample.sde", "sample.noise_level", "sample.sde_window",
+        "sample.sde", "sample.noise_level", "sample.sde_window", "model.max_sequence_length",
     })
 
     def __init__(
@@ -235,10 +235,11 @@ class FlowMatchPolicy(WindowedDiffusionPolicy):
     def from_config(cls, config: ConfigDict, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32) -> FlowMatchPolicy:
         """The policy a training config describes (`model.*`, `lora.*`, `resolution`, `sample.sde*`,
-        `sample.noise_level`, `sample.decode_batch_size`, `train.gradient_checkpointing`)."""
+        `sample.noise_level`, `sample.decode_batch_size`, `train.gradient_checkpointing`, `model.max_sequence_length`)."""
         cls.check_config(config)
         return cls.from_pretrained(config.model.pretrained, device=device, dtype=dtype, sde=config.sample.sde,
                                    noise_level=config.sample.noise_level, sde_window=tuple(config.sample.sde_window),
+                                   max_sequence_length=config.model.get("max_sequence_length", 256),
                                    **config_options(config, LORA_TARGETS))
 
     def _encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
