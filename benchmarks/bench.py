@@ -1,5 +1,5 @@
-"""Performance ratios, each measured within one run: the samplers against their libraries, each algorithm's update
-against its floor of UNet passes, update memory against the horizon, an epoch against its floor, and an epoch with its
+"""Performance ratios, each measured within one run: the samplers (LCM, flow matching, text) against their libraries,
+each algorithm's update against its floor of denoiser passes, update memory against the horizon, an epoch against its floor, and an epoch with its
 reward served by another process against in-process.
 
     OMP_NUM_THREADS=1 python benchmarks/bench.py              # tiny LCM + SD-1.5-shaped UNet at 64 px, CPU
@@ -33,13 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` is a folder of the repository, not part of the installed package
 
 from accelerate import Accelerator  # noqa: E402
-from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import (AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusion3Pipeline,  # noqa: E402
+                       UNet2DConditionModel)
 from ml_collections import ConfigDict  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from configs.base import get_config  # noqa: E402
 from rebel_diffusion.algorithms import ALGORITHMS  # noqa: E402
 from rebel_diffusion.policies.causal_lm import CausalLMPolicy  # noqa: E402
+from rebel_diffusion.policies.flow_match import FlowMatchPolicy, absent_components  # noqa: E402
 from rebel_diffusion.policies.lcm import LCMPolicy, merged_lora, peak_memory_mb  # noqa: E402
 from rebel_diffusion.rewards import make_reward_fn, register_reward  # noqa: E402
 from rebel_diffusion.serve_reward import serve_in_subprocess  # noqa: E402
@@ -49,6 +51,7 @@ from rebel_diffusion.trajectory import Trajectory  # noqa: E402
 
 TINY_LCM = REPO / "assets" / "tiny-lcm"
 TINY_LM = REPO / "assets" / "tiny-lm"
+TINY_FLOW = REPO / "assets" / "tiny-flow"
 PROMPT = "a red circle on a white background"
 Row = tuple[str, str, float, str, str]  # model, measurement, ratio (a `Ratio` when timed in rounds), detail, target
 
@@ -175,7 +178,7 @@ def ms(seconds: float) -> str:
 # ---- Models ----
 
 
-def perturb_lora(policy: LCMPolicy) -> None:
+def perturb_lora(policy: LCMPolicy | FlowMatchPolicy) -> None:
     """Make the LoRA non-zero (its B starts at 0), so that merged and unmerged sampling both do real work."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -313,11 +316,16 @@ def update_call(accelerator: Accelerator, policy: LCMPolicy, algorithm: str, tra
     return run
 
 
-def update_rows(name: str, policy: LCMPolicy, accelerator: Accelerator, algorithms: list[str], repeats: int) -> list[Row]:
+def update_rows(name: str, policy: LCMPolicy | FlowMatchPolicy, accelerator: Accelerator, algorithms: list[str],
+                repeats: int, floor_pass: Callable[..., Callable[[], None]] | None = None) -> list[Row]:
+    """Each algorithm's update on one micro-batch against T denoiser forward+backward passes on its samples (the
+    floor), T the policy's stochastic steps; `floor_pass(policy, trajectory)` times one pass (the LCM UNet's unless
+    given)."""
+    floor_pass = floor_pass or unet_forward_backward
     # A micro-batch holds the samples that train: a whole group, but preference REBEL's comparator y''.
     sizes = {a: ALGORITHMS[a].trained_samples or ALGORITHMS[a].group_size(algorithm_config(a)) for a in algorithms}
     trajectories = {k: policy.sample([PROMPT] * k, generator=torch.Generator().manual_seed(k)) for k in set(sizes.values())}
-    cases = {f"pass{k}": unet_forward_backward(policy, trajectory) for k, trajectory in trajectories.items()}
+    cases = {f"pass{k}": floor_pass(policy, trajectory) for k, trajectory in trajectories.items()}
     cases.update({a: update_call(accelerator, policy, a, trajectories[sizes[a]]) for a in algorithms})
     times = medians(cases, repeats, policy.device)
     horizon = policy.num_actions
@@ -325,9 +333,67 @@ def update_rows(name: str, policy: LCMPolicy, accelerator: Accelerator, algorith
     for algorithm in algorithms:
         floor = horizon * times[f"pass{sizes[algorithm]}"]
         target = "<= 1.05" if algorithm == "rebel" else ""
-        rows.append((name, f"{algorithm} update / floor (T={horizon} UNet forward+backward on {sizes[algorithm]} samples)",
+        rows.append((name, f"{algorithm} update / floor (T={horizon} denoiser forward+backward on {sizes[algorithm]} samples)",
                      times[algorithm] / floor, f"{ms(times[algorithm])} / {ms(floor)}", target))
     return rows
+
+
+# ---- (b') the flow-matching policy: its sampler against StableDiffusion3Pipeline, its update against the floor ----
+
+
+def flow_policy(pipeline: StableDiffusion3Pipeline, sde: str, num_steps: int = 8) -> FlowMatchPolicy:
+    """A flow policy with a non-zero LoRA on its own copy of `pipeline`'s transformer and scheduler (sharing the VAE
+    and text encoders), at the shipped tiny model's settings: 32 px, guidance 1, 16 rows of T5 zeros."""
+    own = StableDiffusion3Pipeline(**{**pipeline.components, "transformer": copy.deepcopy(pipeline.transformer),
+                                      "scheduler": copy.deepcopy(pipeline.scheduler)})
+    own.set_progress_bar_config(disable=True)
+    policy = FlowMatchPolicy(own, num_steps=num_steps, guidance_scale=1.0, resolution=32, sde=sde,
+                             sde_window=(0, 4) if sde != "ode" else (), max_sequence_length=16,
+                             device=pipeline.device)
+    perturb_lora(policy)
+    return policy
+
+
+def transformer_forward_backward(policy: FlowMatchPolicy, trajectory: Trajectory) -> Callable[[], None]:
+    """One forward and backward of the transformer (guided, LoRA unmerged, as in training) on the trajectory's first
+    stochastic state."""
+    state = trajectory.states[:, 0]
+
+    def run() -> None:
+        policy.guided_prediction(state, policy.window_start, trajectory.conditioning).mean().backward()
+        clear_gradients(policy)
+
+    return run
+
+
+def flow_rows(batch: int, repeats: int, accelerator: Accelerator, device: torch.device) -> list[Row]:
+    """`FlowMatchPolicy.sample` with the ODE (the pipeline's own images) against `StableDiffusion3Pipeline.__call__` on
+    the shipped tiny flow model, bare and with the same LoRA; and REBEL's update on a 4-step `flow_sde` window against
+    its floor."""
+    bare = StableDiffusion3Pipeline.from_pretrained(TINY_FLOW, **absent_components(TINY_FLOW)).to(device)
+    bare.set_progress_bar_config(disable=True)
+    policy = flow_policy(bare, "ode")
+    prompts = [PROMPT] * batch
+
+    def pipeline_call(pipeline: StableDiffusion3Pipeline) -> Callable[[], object]:
+        return lambda: pipeline(prompts, num_inference_steps=policy.num_steps, guidance_scale=policy.guidance_scale,
+                                generator=torch.Generator().manual_seed(0), output_type="pt", height=32, width=32,
+                                max_sequence_length=16)
+
+    times = medians({
+        "sampler": lambda: policy.sample(prompts, generator=torch.Generator().manual_seed(0)),
+        "bare": pipeline_call(bare),
+        "lora": pipeline_call(policy.pipeline),
+    }, repeats, device)
+    name, where = "tiny flow", f"batch {batch}, {policy.num_steps} ODE steps, 32 px"
+    rows = [
+        (name, f"`FlowMatchPolicy.sample` / bare `StableDiffusion3Pipeline` ({where})", times["sampler"] / times["bare"],
+         f"{ms(times['sampler'])} / {ms(times['bare'])}", "<= 1.0"),
+        (name, f"`FlowMatchPolicy.sample` / the pipeline with the same LoRA loaded ({where})",
+         times["sampler"] / times["lora"], f"{ms(times['sampler'])} / {ms(times['lora'])}", "<= 1.0"),
+    ]
+    return rows + update_rows(name, flow_policy(bare, "flow_sde"), accelerator, ["rebel"], repeats,
+                              transformer_forward_backward)
 
 
 # ---- (c) update memory against the horizon ----
@@ -687,6 +753,7 @@ def main(argv: list[str] | None = None) -> str:
     table.add(overlap_rows(repeats, args.quick))
     table.add(remote_rows(repeats, args.quick))
     table.add(text_rows(2 if args.quick else 32, repeats, device))
+    table.add(flow_rows(2 if args.quick else 16, repeats, accelerator, device))
     # Horizon T = num_steps - 1 stochastic steps: T=8 against T=2.
     table.add(memory_rows("tiny LCM", {8: lora_policy(pipeline, 9, 32), 2: lora_policy(pipeline, 3, 32)}, accelerator))
     del pipeline, policy
