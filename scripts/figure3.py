@@ -13,6 +13,7 @@ flow quickstart's 5 seeds are `--config 'configs/quickstart_flow_{algorithm}.py'
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import runpy
@@ -118,6 +119,31 @@ def held_out_table(logdir: Path, arms: list[str], seeds: range, metric: str, lab
         lines.append(f"| {arm} | {len(evals)} | {before.mean():.3f} | {mean:.3f} [{low:.3f}, {high:.3f}] | "
                      f"{change:+.3f} [{c_low:+.3f}, {c_high:+.3f}] |")
     return "\n".join(lines)
+
+
+def compare_arms(config: str, arms: dict[str, list[str]], seeds: int, jobs: int, logdir: Path, out: Path, metric: str,
+                 label: str) -> int:
+    """Train `config` for every arm (its extra `--config.*` arguments) at seeds 0 .. `seeds` - 1 into
+    `logdir/<arm>_seed<s>` (`jobs` at a time, finished runs reused), then compare the arms' held-out `metric` per
+    reward query (`rebel_diffusion.compare`: curves.png, curves.csv, final.csv) and before/after (`compare.md`,
+    `held_out_table`) in `out`. Returns 1 when a run failed, else the comparison's exit code."""
+    num_epochs = importlib.import_module(config.removesuffix(".py").replace("/", ".")).get_config().num_epochs
+
+    def run(job: tuple[str, int]) -> int:
+        arm, seed = job
+        run_dir = logdir / f"{arm}_seed{seed}"
+        return 0 if finished(run_dir, num_epochs) else train_run(config, seed, run_dir, arms[arm])
+
+    with ThreadPoolExecutor(jobs) as pool:
+        if any(pool.map(run, [(arm, seed) for seed in range(seeds) for arm in arms])):
+            return 1
+    out.mkdir(parents=True, exist_ok=True)
+    groups = [f"{arm}={logdir}/{arm}_seed*" for arm in arms]
+    code = compare_main([*groups, "--metric", metric, "--x", "reward_queries", "--out", str(out)])
+    table = held_out_table(logdir, list(arms), range(seeds), metric, label)
+    (out / "compare.md").write_text(table + "\n")
+    print(table)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

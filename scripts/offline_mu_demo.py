@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from figure3 import finished, held_out_table, train_run  # noqa: E402
-
-from rebel_diffusion.compare import main as compare_main  # noqa: E402
+from figure3 import compare_arms  # noqa: E402
 
 METRIC = "eval_addition_exact"
 
@@ -50,29 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     sums = logdir / "sums.jsonl"
     write_sums(sums)
-    from configs.quickstart_text_rebel import get_config
-
-    num_epochs = get_config().num_epochs
     arms = {"policy": [], "offline": ["--config.rebel.mu=offline", f"--config.rebel.offline_data={sums}"]}
-    jobs = [(arm, seed) for seed in range(args.seeds) for arm in arms]
-
-    def run(job: tuple[str, int]) -> int:
-        arm, seed = job
-        run_dir = logdir / f"{arm}_seed{seed}"
-        if finished(run_dir, num_epochs):
-            return 0
-        return train_run("configs/quickstart_text_rebel.py", seed, run_dir, arms[arm])
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        if any(pool.map(run, jobs)):
-            return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    groups = [f"{arm}={logdir}/{arm}_seed*" for arm in arms]
-    code = compare_main([*groups, "--metric", METRIC, "--x", "reward_queries", "--out", str(args.out)])
-    table = held_out_table(logdir, list(arms), range(args.seeds), METRIC, "rebel.mu")
-    (args.out / "compare.md").write_text(table + "\n")
-    print(table)
-    return code
+    return compare_arms("configs/quickstart_text_rebel.py", arms, args.seeds, args.jobs, logdir, args.out, METRIC,
+                        "rebel.mu")
 
 
 if __name__ == "__main__":

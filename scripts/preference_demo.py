@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from figure3 import finished, held_out_table, train_run  # noqa: E402
+from figure3 import compare_arms  # noqa: E402
 
-from rebel_diffusion.compare import main as compare_main  # noqa: E402
 
 METRIC = "eval_large_shape"
 TEMPERATURE = 0.05  # large_shape differences between two samples of a prompt are ~0.05-0.2: P(a beats b) of 0.7-0.98
@@ -42,28 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", type=Path, default=Path("runs/preference"))
     parser.add_argument("--out", type=Path, default=Path("docs/preference"))
     args = parser.parse_args(argv)
-    logdir = args.logdir.resolve()
-    from configs.quickstart_rebel import get_config
-
-    num_epochs = get_config().num_epochs
-
-    def run(job: tuple[str, int]) -> int:
-        arm, seed = job
-        run_dir = logdir / f"{arm}_seed{seed}"
-        if finished(run_dir, num_epochs):
-            return 0
-        return train_run("configs/quickstart_rebel.py", seed, run_dir, ARMS[arm])
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        if any(pool.map(run, [(arm, seed) for seed in range(args.seeds) for arm in ARMS])):
-            return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    groups = [f"{arm}={logdir}/{arm}_seed*" for arm in ARMS]
-    code = compare_main([*groups, "--metric", METRIC, "--x", "reward_queries", "--out", str(args.out)])
-    table = held_out_table(logdir, list(ARMS), range(args.seeds), METRIC, "algorithm")
-    (args.out / "compare.md").write_text(table + "\n")
-    print(table)
-    return code
+    return compare_arms("configs/quickstart_rebel.py", ARMS, args.seeds, args.jobs, args.logdir.resolve(), args.out,
+                        METRIC, "algorithm")
 
 
 if __name__ == "__main__":
