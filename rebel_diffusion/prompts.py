@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 class PromptSourceError(ValueError):
@@ -35,15 +35,20 @@ def _non_empty(prompts: list[str], key: str, source: str) -> list[str]:
     return prompts
 
 
+def _jsonl_records(path: Path, key: str, source: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; one line naming `key` for one that is not
+    JSON."""
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptSourceError(f"{key} {source!r} line {number} is not JSON: {e.msg}") from None
+
+
 def _read_jsonl(path: Path, key: str) -> list[str]:
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptSourceError(f"{key} {str(path)!r} line {number} is not JSON: {e.msg}") from None
+    for number, record in _jsonl_records(path, key, str(path)):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise PromptSourceError(f"{key} {str(path)!r} line {number} has no string field 'prompt'")
         prompts.append(record["prompt"])
@@ -96,13 +101,7 @@ def read_offline_responses(source: str | Path, key: str) -> dict[str, list[str]]
     path = Path(text).expanduser()
     pairs: list[tuple[Any, Any]] = []
     if path.is_file():
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptSourceError(f"{key} {text!r} line {number} is not JSON: {e.msg}") from None
+        for number, record in _jsonl_records(path, key, text):
             if not isinstance(record, dict) or "prompt" not in record or "response" not in record:
                 raise PromptSourceError(f"{key} {text!r} line {number} needs the fields 'prompt' and 'response'")
             pairs.append((record["prompt"], record["response"]))
