@@ -45,6 +45,7 @@ RUN_KEYS = frozenset({
     "algorithm", "policy", "kl_coef", "seed", "resolution", "mixed_precision", "prompt_file",
     "model.pretrained", "model.num_steps", "model.guidance_scale", "model.logprob_reduction", "model.max_new_tokens",
     "model.temperature", "model.top_k", "model.top_p", "model.chat_template", "model.kl_estimator",
+    "model.max_sequence_length",
     "reward.reward_model_path",
     "lora.rank", "lora.alpha", "lora.init", "lora.targets",
     "reward.name", "reward.aggregate", "reward.head_path", "reward.clip_pretrained", "reward.clip_model", "reward.missing_eos_penalty",
