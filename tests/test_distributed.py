@@ -17,6 +17,7 @@ TINY_TEXT = ["--config", "configs/quickstart_text_rebel.py", "--config.num_epoch
              "--config.train.batch_size=2", "--config.run_name=run"]
 
 
+@pytest.mark.slow  # processes started by hand or by the launcher: seconds each
 def test_deepspeed_is_refused_with_one_line_before_any_model_loads(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", *TINY_TEXT, f"--config.logdir={tmp_path}",
@@ -64,6 +65,7 @@ def test_fsdp_where_it_cannot_work_is_refused(monkeypatch, policy, algorithm, me
         check_distributed_backend(config)
 
 
+@pytest.mark.slow  # processes started by hand or by the launcher: seconds each
 def test_fsdp_on_a_cpu_is_refused_under_the_launcher(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "rebel_diffusion.launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",

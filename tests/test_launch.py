@@ -20,6 +20,7 @@ def launch(processes: int, *argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # processes started by hand or by the launcher: seconds each
 def test_bad_input_under_the_launcher_is_one_line_and_exit_2(tmp_path):
     cases = {
         "checked before any process starts": (["--config.algorithm=dpo"], "unknown algorithm 'dpo'"),

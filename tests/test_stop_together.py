@@ -8,6 +8,7 @@ import pytest
 from processes import start_ranks, write_script
 
 
+@pytest.mark.slow  # processes started by hand or by the launcher: seconds each
 def test_a_failure_on_one_rank_ends_the_rank_blocked_in_a_collective(tmp_path):
     # The failed rank then lingers with its connections open, as a process stuck in teardown would: gloo cannot see
     # it go, and with NCCL nothing would end rank 0's collective before its timeout. Only the watcher can.
@@ -51,6 +52,7 @@ def test_ranks_failing_at_once_each_report_their_own_error_without_waiting(tmp_p
         assert end.seconds < 45, end.seconds  # neither waited its 60 s for the other to see its failure
 
 
+@pytest.mark.slow  # processes started by hand or by the launcher: seconds each
 @pytest.mark.parametrize("case", ["reward raises on rank 1", "model missing on rank 1"])
 def test_a_training_run_stops_on_every_rank_when_one_fails(tmp_path, case):
     (tmp_path / "flaky.py").write_text(

@@ -234,6 +234,7 @@ def test_empty_prompt_file_and_existing_run_folder(tiny_lcm_path, tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"epoch": 0}\n'  # nothing the user made is lost
 
 
+@pytest.mark.slow  # processes started by hand or by the launcher: seconds each
 def test_two_processes_end_with_identical_lora_weights_for_a_group_algorithm(tiny_lcm_path, tmp_path):
     # Each rank dumps its own LoRA weights after training; DDP must have kept them in sync. GRPO: groups of 2 samples,
     # a step loss whose non-final backward passes skip DDP's all-reduce.
@@ -248,6 +249,7 @@ def test_two_processes_end_with_identical_lora_weights_for_a_group_algorithm(tin
     assert metrics[0]["reward_queries"] == 2 * 2 * 2 * 2  # two processes, each 2 batches x 2 prompts x 2 samples
 
 
+@pytest.mark.slow  # processes started by hand or by the launcher: seconds each
 def test_two_process_pair_gradients_equal_one_process_on_the_concatenated_batch(tiny_lcm_path, tmp_path):
     # DDP averages gradients at the sync backward; REBEL's per-pair scale must be in before it. Each rank takes half of
     # the same 4 pairs; the averaged gradient must equal one process's gradient on all 4.
@@ -575,6 +577,7 @@ def test_text_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert (straight / "grid_last.jsonl").read_text() == (resumed / "grid_last.jsonl").read_text()
 
 
+@pytest.mark.slow  # processes started by hand or by the launcher: seconds each
 def test_two_text_processes_end_with_identical_weights(tmp_path):
     script = write_weights_dump_script(tmp_path / "text_ranks.py",
                                        f"trainer.train(text_config({str(tmp_path)!r}, num_epochs=1))")
@@ -592,6 +595,7 @@ PER_PROCESS_TARGETS = {"num_epochs": 1, "grid.num_prompts": 0, "sample.batch_siz
                        "model.temperature": 2.0, "reward.name": "rank_reward:reward"}
 
 
+@pytest.mark.slow  # processes started by hand or by the launcher: seconds each
 def test_each_process_trains_on_its_own_rows_of_the_targets(tmp_path):
     # Two ranks whose rewards differ; each records its local gradient as DDP hands it to the all-reduce (a comm hook),
     # its samples and the targets of all processes. Each local gradient must be one process's gradient on the rank's
