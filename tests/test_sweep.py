@@ -352,7 +352,7 @@ def wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
     while not condition():
         assert process.poll() is None, "the sweep ended before the moment to kill it"
         assert time.monotonic() - start < timeout, "timed out"
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 @pytest.mark.slow  # 4 train.py runs one after another: 2-4 minutes on 2 busy cores
@@ -362,8 +362,10 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
     with (tmp_path / "first.log").open("w") as log:
         first = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=log, stderr=log, start_new_session=True)
     try:
-        # Killed with its training run while the second trial trains: the first trial is finished, the second not.
-        wait_for(lambda: (out / "trials" / "001-seed0" / "config.json").is_file(), 400, first)
+        # Killed once the second trial's run is launched (its log opened, seconds before train.py can finish; its
+        # config.json came too late on an idle machine, where the tiny run can end within one poll): the first trial
+        # is finished, the second not.
+        wait_for(lambda: (out / "trials" / "001-seed0" / "sweep.log").is_file(), 400, first)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
