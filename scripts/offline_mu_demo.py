@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from figure3 import compare_arms  # noqa: E402
+from seeds import compare_arms  # noqa: E402
 
 METRIC = "eval_addition_exact"
 

@@ -20,6 +20,14 @@ the sampled answer the model's most likely one.
 
 Run from the repo root:  .venv/bin/python scripts/pretrain_tiny_lm.py
 Only re-score the saved model:  .venv/bin/python scripts/pretrain_tiny_lm.py --evaluate-only
+
+`--carry-drop P` builds the harder text task's model, `assets/tiny-lm-carry` (Figure 3's text task): in its pretraining
+data, a sum whose units digits carry is written without the carry (`17+25=32`) with probability P, the way a careless
+student adds. Trained until its answers on the other sums are right (`--target-accuracy` then counts only those), it
+learns the careless answer as the most likely one wherever there is a carry, so no temperature gets those sums right
+more than about 1 - P of the time: RL with a verifier has to move probability mass, not only sharpen it.
+
+    .venv/bin/python scripts/pretrain_tiny_lm.py --carry-drop 0.75 --target-accuracy 0.9 --out assets/tiny-lm-carry
 """
 
 from __future__ import annotations
@@ -78,12 +86,26 @@ def prompt(pair: tuple[int, int]) -> str:
     return f"{pair[0]}+{pair[1]}="
 
 
-def training_batch(pairs: list[tuple[int, int]], tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
-    """Right-padded "<bos>a+b=<sum><eos>" sequences with labels only on the sum and EOS."""
+def carries(pair: tuple[int, int]) -> bool:
+    """Whether adding the units digits of `pair` carries into the tens."""
+    return pair[0] % 10 + pair[1] % 10 >= 10
+
+
+def written_sum(pair: tuple[int, int], carry_drop: float, rng: random.Random) -> int:
+    """The answer the pretraining data gives: the sum, or with probability `carry_drop`, when the units carry, the sum
+    without that carry (ten less)."""
+    total = sum(pair)
+    return total - 10 if carries(pair) and rng.random() < carry_drop else total
+
+
+def training_batch(pairs: list[tuple[int, int]], tokenizer: PreTrainedTokenizerFast, carry_drop: float = 0.0,
+                   rng: random.Random | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded "<bos>a+b=<answer><eos>" sequences with labels only on the answer and EOS (`written_sum`)."""
     input_ids, labels = [], []
     for pair in pairs:
         prompt_ids = tokenizer(prompt(pair))["input_ids"]
-        target_ids = tokenizer(str(sum(pair)), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = written_sum(pair, carry_drop, rng) if carry_drop else sum(pair)
+        target_ids = tokenizer(str(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         input_ids.append(prompt_ids + target_ids)
         labels.append([-100] * len(prompt_ids) + target_ids)
     length = max(map(len, input_ids))
@@ -96,13 +118,14 @@ def training_batch(pairs: list[tuple[int, int]], tokenizer: PreTrainedTokenizerF
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompts: list[str], seed: int) -> float:
-    """Exact-match rate of responses sampled at temperature 0.7 (the RL policy's setting)."""
+def accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompts: list[str], seed: int,
+             temperature: float = TEMPERATURE) -> float:
+    """Exact-match rate of responses sampled at `temperature` (0.7: the quickstart policy's setting)."""
     model.eval()
     torch.manual_seed(seed)
     encoded = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
     sequences = model.generate(
-        **encoded, do_sample=True, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=0, top_p=1.0,
+        **encoded, do_sample=True, max_new_tokens=MAX_NEW_TOKENS, temperature=temperature, top_k=0, top_p=1.0,
         pad_token_id=tokenizer.pad_token_id,
     )
     responses = tokenizer.batch_decode(sequences[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -123,7 +146,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--target-accuracy", type=float, default=0.45, help="stop once dev accuracy reaches this")
+    parser.add_argument("--target-accuracy", type=float, default=0.45, help="stop once dev accuracy reaches this "
+                        "(with --carry-drop: on the dev sums without a carry)")
+    parser.add_argument("--carry-drop", type=float, default=0.0, help="the probability that the data drops a carry")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--evaluate-only", action="store_true", help="only score the saved model on the held-out prompts")
     args = parser.parse_args()
@@ -136,12 +161,15 @@ def main() -> None:
         tokenizer = build_tokenizer()
         model = build_model(tokenizer)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-        dev = [prompt(p) for p in splits["dev"]]
+        # With carry drops the model is trained until it adds right where nothing carries; the carry sums are scored
+        # apart at the end.
+        dev = [prompt(p) for p in splits["dev"] if not (args.carry_drop and carries(p))]
         rng = random.Random(args.seed)
         start = time.time()
         for step in range(1, args.steps + 1):
             model.train()
-            loss = model(**training_batch(rng.sample(splits["pretrain"], args.batch_size), tokenizer)).loss
+            loss = model(**training_batch(rng.sample(splits["pretrain"], args.batch_size), tokenizer, args.carry_drop,
+                                          rng)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -153,8 +181,10 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)
-        write_prompts(args.prompts_dir / "addition_heldout_prompts.txt", splits["heldout"])
-        write_prompts(args.prompts_dir / "addition_train_prompts.txt", splits["rl"])
+        # The carry-drop model shares the prompt lists (same seed, same split).
+        if not args.carry_drop:
+            write_prompts(args.prompts_dir / "addition_heldout_prompts.txt", splits["heldout"])
+            write_prompts(args.prompts_dir / "addition_train_prompts.txt", splits["rl"])
 
     # Score the saved folder through the loaders users and the policy go through.
     model = AutoModelForCausalLM.from_pretrained(args.out)
@@ -162,6 +192,14 @@ def main() -> None:
     rates = [accuracy(model, tokenizer, heldout, seed=seed) for seed in range(5)]
     print(f"held-out exact-match accuracy at temperature {TEMPERATURE}: {sum(rates) / len(rates):.3f} "
           f"(5 seeds: {', '.join(f'{r:.2f}' for r in rates)})")
+    if args.carry_drop:
+        carry = [prompt(p) for p in splits["heldout"] if carries(p)]
+        plain = [prompt(p) for p in splits["heldout"] if not carries(p)]
+        for temperature in (0.1, 0.4, 0.7, 1.0, 1.3):
+            scores = [sum(accuracy(model, tokenizer, group, seed=s, temperature=temperature) for s in range(5)) / 5
+                      for group in (heldout, carry, plain)]
+            print(f"temperature {temperature}: held-out {scores[0]:.3f}, the {len(carry)} carry sums {scores[1]:.3f}, "
+                  f"the {len(plain)} others {scores[2]:.3f}")
 
 
 if __name__ == "__main__":

@@ -62,24 +62,37 @@ def test_tldr_rebel_is_the_papers_setting():
     assert c.reward.missing_eos_penalty == -1.0
 
 
-@pytest.mark.parametrize("algorithm", ["rebel", "ppo", "rloo", "grpo", "online_dpo"])
-def test_quickstarts_spend_equal_reward_queries_and_optimizer_steps(algorithm):
+@pytest.mark.parametrize("prefix, algorithm", [
+    *[(prefix, a) for prefix in ("quickstart", "quickstart_text", "carry_text")
+      for a in ("rebel", "ppo", "rloo", "grpo", "online_dpo")],
+    ("quickstart", "rebel_preference"), ("carry_text", "rebel_preference")])
+def test_quickstarts_spend_equal_reward_queries_and_optimizer_steps(prefix, algorithm):
     import importlib
 
     from rebel_diffusion.algorithms import ALGORITHMS
 
-    for prefix in ("quickstart", "quickstart_text"):
-        reference = importlib.import_module(f"configs.{prefix}_rebel").get_config()
-        c = importlib.import_module(f"configs.{prefix}_{algorithm}").get_config()
-        assert c.algorithm == algorithm and c.num_epochs == reference.num_epochs
+    reference = importlib.import_module(f"configs.{prefix}_rebel").get_config()
+    c = importlib.import_module(f"configs.{prefix}_{algorithm}").get_config()
+    assert c.algorithm == algorithm and c.num_epochs == reference.num_epochs
 
-        def budget(config):
-            groups = config.sample.batch_size * config.sample.num_batches_per_epoch
-            queries = groups * ALGORITHMS[config.algorithm].group_size(config)
-            steps = groups // (config.train.batch_size * config.train.gradient_accumulation_steps)
-            return queries, steps * config.train.num_inner_epochs
+    def budget(config):
+        groups = config.sample.batch_size * config.sample.num_batches_per_epoch
+        spec = ALGORITHMS[config.algorithm]
+        # A preference query is one comparison; a reward query one scored sample.
+        queries = groups * (len(spec.comparisons) if spec.comparisons else spec.group_size(config))
+        steps = groups // (config.train.batch_size * config.train.gradient_accumulation_steps)
+        return queries, steps * config.train.num_inner_epochs
 
-        assert budget(c) == budget(reference), prefix
+    assert budget(c) == budget(reference)
+
+
+def test_the_carry_task_differs_from_the_text_quickstart_only_in_its_model_and_temperature():
+    from configs import carry_text_ppo, quickstart_text_ppo
+    from rebel_diffusion.config_keys import flatten
+
+    carry, quickstart = flatten(carry_text_ppo.get_config().to_dict()), flatten(quickstart_text_ppo.get_config().to_dict())
+    assert {k for k in carry if carry[k] != quickstart[k]} == {"model.pretrained", "model.temperature"}
+    assert (carry["model.pretrained"], carry["model.temperature"]) == ("assets/tiny-lm-carry", 1.0)
 
 
 def readme_config_keys() -> set[str]:
