@@ -21,7 +21,8 @@ For each task and algorithm (REBEL, PPO, RLOO, GRPO, online DPO and preference R
    `base_temperatures.md`, the base model's held-out score at each temperature.
 
 Everything that finished is reused: an interrupted run continues where it stopped (sweeps resume, finished final runs
-are kept). `OUT/<task>/cpu_time.json` adds up the CPU seconds of this invocation's child processes.
+are kept). `OUT/<task>/cpu_time.json` records each invocation's wall time and the CPU seconds of its child
+processes, and their total.
 """
 
 from __future__ import annotations
@@ -252,8 +253,17 @@ def report(name: str, task: Task, algorithms: list[str], seeds: range, task_dir:
                *cells_end[algorithm]]
         row += [*train_early[algorithm], *train_end[algorithm]] if algorithm in scalar else ["", "", "", ""]
         lines.append("| " + " | ".join(row) + " |")
-        shutil.copytree(sweep_dir, out / "sweeps" / algorithm, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("trials", "study.log*", "*.lock"))
+        record = out / "sweeps" / algorithm
+        shutil.copytree(sweep_dir, record, dirs_exist_ok=True, ignore=shutil.ignore_patterns("trials", "study.log*"))
+        # The record's config names files relative to the repository root, where train.py runs, and its tuning
+        # prompts are kept beside it.
+        best_config = record / "best_config.py"
+        text = best_config.read_text()
+        validation = task_dir / "validation_prompts.txt"
+        if validation.is_file():
+            shutil.copy(validation, out / validation.name)
+            text = text.replace(str(validation), str((out / validation.name).resolve()))
+        best_config.write_text(text.replace(f"{REPO}/", ""))
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     return table
@@ -306,11 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "text":
         print(base_temperatures(task, out))
     print(report(args.task, task, args.algorithms, seeds, task_dir, out))
+    # One entry per invocation: a rerun that only reports, or one that resumed, adds its own time to the record.
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     timing = {"cpu_seconds_children": round(usage.ru_utime + usage.ru_stime), "wall_seconds_tuning": round(tuned - start),
               "wall_seconds_final_runs": round(finals - tuned), "trials_per_algorithm": args.trials,
-              "final_seeds": list(seeds), "jobs": args.jobs}
-    (out / "cpu_time.json").write_text(json.dumps(timing, indent=1) + "\n")
+              "final_seeds": [seeds.start, seeds.stop - 1], "jobs": args.jobs}
+    record = out / "cpu_time.json"
+    invocations = json.loads(record.read_text())["invocations"] if record.is_file() else []
+    invocations.append(timing)
+    total = sum(i["cpu_seconds_children"] for i in invocations)
+    record.write_text(json.dumps({"cpu_seconds_total": total, "invocations": invocations}, indent=1) + "\n")
     print(json.dumps(timing))
     return 0
 

@@ -469,7 +469,7 @@ def test_cli_compares_a_held_out_metric(tmp_path: Path, capsys: pytest.CaptureFi
     assert "eval.jsonl is missing" in capsys.readouterr().err
 
 
-def test_the_readme_compare_examples_match_the_run_names_quickstarts_and_figure3_create(monkeypatch) -> None:
+def test_the_readme_compare_examples_match_the_run_names_quickstarts_and_the_seed_runner_create(monkeypatch) -> None:
     import fnmatch
     import importlib
     import re
@@ -480,7 +480,7 @@ def test_the_readme_compare_examples_match_the_run_names_quickstarts_and_figure3
     names = {}
     for algorithm in ("rebel", "ppo", "rloo", "grpo", "online_dpo"):
         config = importlib.import_module(f"configs.quickstart_{algorithm}").get_config()
-        names[algorithm] = [str(trainer._run_dir(config, None)), f"runs/figure3/{algorithm}_seed0"]  # figure3's names
+        names[algorithm] = [str(trainer._run_dir(config, None)), f"runs/seeds/{algorithm}_seed0"]  # scripts/seeds.py's
     examples = [line for line in (REPO / "README.md").read_text().splitlines() if "compare_curves.py" in line
                 and "=" in line]
     groups = [group for line in examples for group in re.findall(r"(\w+)='([^']+)'", line)]

@@ -1,0 +1,19 @@
+"""The best trial of sweep 'text_rloo': trial 3, IQM of eval_addition_exact 0.6625 over 1 seeds x the last 1 epochs."""
+
+import importlib.util
+
+
+def get_config():
+    spec = importlib.util.spec_from_file_location('sweep_base_config', 'configs/carry_text_rloo.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.log_with = ''
+    config.grid.num_prompts = 0
+    config.eval.prompt_file = 'docs/figure3/text/validation_prompts.txt'
+    config.eval.every = 30
+    config.eval.num_seeds = 2
+    config.train.learning_rate = 0.003969908258415438
+    config.train.batch_size = 64
+    config.rloo.clip_range = 0.08571546470430152
+    return config
