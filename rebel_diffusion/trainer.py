@@ -278,6 +278,13 @@ def _reward_generator(seed: int, process: int, epoch: int, batch: int) -> torch.
     return torch.Generator().manual_seed(int(state))
 
 
+def _eval_reward_generator(seed: int) -> torch.Generator:
+    """The generator a reward that draws random numbers gets on the held-out outputs of evaluation seed `seed`: its own
+    stream, not the sampling noise's."""
+    state = np.random.SeedSequence([seed & (2**64 - 1), 2**32]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     """Whether autocast is on in the calling thread for `device_type`, and its dtype (autocast is thread-local)."""
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
@@ -339,14 +346,16 @@ def _trajectory_kl(policy: Policy, samples: Trajectory, num: int) -> torch.Tenso
 def evaluate(policy: Policy, prompts: list[str], seeds: list[int],
              reward_fns: dict[str, Callable]) -> tuple[dict[str, float], list]:
     """Mean of each reward on held-out prompts x fixed seeds, as `eval_<name>`, and the outputs of each seed; the
-    global RNG is left untouched."""
+    global RNG is left untouched: a reward that draws random numbers gets a generator that is a function of the seed
+    alone (`_eval_reward_generator`), so that every evaluation of a run draws the same numbers."""
     scores, outputs_by_seed = defaultdict(list), []
     for seed in seeds:
         outputs = policy.sample(prompts, generator=torch.Generator().manual_seed(seed)).outputs
         outputs_by_seed.append(outputs)
         for name, reward_fn in reward_fns.items():
             try:
-                scores[name].append(torch.as_tensor(reward_fn(outputs, prompts), dtype=torch.float32).cpu())
+                drawn = call_reward(reward_fn, outputs, prompts, _eval_reward_generator(seed))
+                scores[name].append(torch.as_tensor(drawn, dtype=torch.float32).cpu())
             except Exception as e:  # a reward server gone away, user code failing: one line, as in training
                 detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise RewardError(f"held-out evaluation: reward {name!r} failed on the prompts whose first is "

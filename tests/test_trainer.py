@@ -777,3 +777,32 @@ def test_console_line_diversity_and_readable_eval_grid(tiny_lcm_path, tmp_path, 
             tile = grid[top:bottom, left:right]
             assert (tile.reshape(32, CELL // 32, 32, CELL // 32, 3) == tile[:: CELL // 32, :: CELL // 32][:, None, :, None]
                     ).all(), f"{png}: tile ({r}, 1) is not a nearest-neighbour upscale of a 32 px image"
+
+
+def test_held_out_evaluation_gives_a_random_reward_its_own_seeded_generator_and_leaves_the_global_rng_alone():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    class FixedPolicy:
+        def sample(self, prompts, generator=None):
+            return SimpleNamespace(outputs=torch.zeros(len(prompts), 1))  # evaluate reads only the outputs
+
+    def noisy_reward(outputs, prompts, generator=None):
+        return torch.rand(len(prompts), generator=generator)
+
+    prompts, seeds = ["a", "b", "c"], [0, 7]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = trainer.evaluate(FixedPolicy(), prompts, seeds, {"noisy": noisy_reward})[0]["eval_noisy"]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(456)  # another global state: the same draws
+    assert trainer.evaluate(FixedPolicy(), prompts, seeds, {"noisy": noisy_reward})[0]["eval_noisy"] == first
+    # The draws: per seed, a generator seeded from SeedSequence([seed, 2**32]), independent of the sampling seed's.
+    expected = []
+    for seed in seeds:
+        state = int(np.random.SeedSequence([seed, 2**32]).generate_state(1, np.uint64)[0])
+        expected.append(torch.rand(3, generator=torch.Generator().manual_seed(state)))
+    assert first == pytest.approx(torch.cat(expected).mean().item(), abs=1e-7)
+    assert first != pytest.approx(torch.cat([torch.rand(3, generator=torch.Generator().manual_seed(s))
+                                             for s in seeds]).mean().item(), abs=1e-7)
