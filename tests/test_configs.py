@@ -190,3 +190,18 @@ def test_sd35_pickscore_grpo_is_flow_grpos_setting_and_rebel_spends_the_same_ima
 
     assert per_epoch(g) == per_epoch(r) == (144, 2)  # 48 prompts x 24 images over 8 processes; 2 steps an epoch
     assert (r.algorithm, r.kl_coef, r.sample.batch_size * 2) == ("rebel", 0.0, 24)  # 24 images per sampling call
+
+
+def test_flux_pickscore_rebel_is_flow_grpos_flux_setting_at_the_same_images():
+    from configs import flux_pickscore_rebel, sd35_pickscore_rebel
+
+    f, r = flux_pickscore_rebel.get_config(), sd35_pickscore_rebel.get_config()
+    # flow_grpo's pickscore_flux (config/grpo.py): FLUX.1-dev, 6 steps, guidance embedding 3.5, 512 px, SDE at 0.9 on
+    # the first 5 steps (timestep_fraction 0.99), beta 0; no classifier-free guidance.
+    assert (f.policy, f.algorithm, f.model.pretrained, f.model.num_steps, f.model.guidance_scale, f.resolution) == (
+        "flow_match", "rebel", "black-forest-labs/FLUX.1-dev", 6, 3.5, 512)
+    assert (f.sample.sde, f.sample.noise_level, tuple(f.sample.sde_window), f.kl_coef, f.train.cfg) == (
+        "flow_sde", 0.9, (0, 5), 0.0, False)
+    assert (f.reward.name, f.mixed_precision, f.model.max_sequence_length) == ("pickscore", "bf16", 512)
+    budget = ("sample.batch_size", "sample.num_batches_per_epoch", "train.batch_size", "train.gradient_accumulation_steps")
+    assert [f[k.split(".")[0]][k.split(".")[1]] for k in budget] == [r[k.split(".")[0]][k.split(".")[1]] for k in budget]
