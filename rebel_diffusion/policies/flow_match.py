@@ -420,8 +420,11 @@ class FlowMatchPolicy(WindowedDiffusionPolicy):
 
     def save_lora(self, directory: str | Path) -> None:
         """Write `pytorch_lora_weights.safetensors`, loadable with the pipeline class's `load_lora_weights`
-        (`StableDiffusion3Pipeline` or `FluxPipeline`)."""
-        type(self.pipeline).save_lora_weights(directory, transformer_lora_layers=self.lora_state_dict())
+        (`StableDiffusion3Pipeline` or `FluxPipeline`). The adapter's config goes in the file's metadata: without it
+        diffusers loads the weights with alpha = rank, and any other `lora.alpha` would scale the update wrongly."""
+        type(self.pipeline).save_lora_weights(
+            directory, transformer_lora_layers=self.lora_state_dict(),
+            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict())
 
     def load_lora(self, directory: str | Path) -> None:
         """Load LoRA weights written by `save_lora` into this policy's adapter."""
