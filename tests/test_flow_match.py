@@ -190,8 +190,9 @@ def test_cps_step_equals_the_hand_computation():
 
 
 @pytest.mark.parametrize("sde, a", [("flow_sde", 0.7), ("cps", 0.5)])
-def test_sampler_steps_follow_the_formulas_with_the_generators_noise(tiny_sd3_path, sde, a):
-    policy = make_policy(tiny_sd3_path, sde=sde, noise_level=a)
+def test_sampler_steps_follow_the_formulas_with_the_generators_noise(flow_path, sde, a):
+    # FLUX's 8x8x16 latents are SD3's shape: the noise, the steps and the log-prob's 1024 elements are the same.
+    policy = make_policy(flow_path, sde=sde, noise_level=a)
     perturb_lora(policy)
     trajectory = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(4))
     generator = torch.Generator().manual_seed(4)
@@ -268,8 +269,28 @@ def test_k1_and_exact_kl_equal_torch_distributions_against_a_separate_base(tiny_
     assert_kls_equal_torch_distributions(policy, trajectory, base, gaussian)
 
 
+def test_flux_k1_and_exact_kl_equal_torch_distributions_against_a_separate_base(tiny_flux_path):
+    policy = make_policy(tiny_flux_path, sde="flow_sde", sde_window=(0, 3))
+    perturb_lora(policy, scale=0.1)
+    trajectory = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(2), with_kl=True)
+    base = load_pipeline(tiny_flux_path).transformer
+    embeds, pooled = policy._unpack(trajectory.conditioning)
+
+    def gaussian(transformer, step, state):
+        # The transformer as FluxPipeline calls it, with diffusers' own packing and position ids; no unconditional pass.
+        out = transformer(hidden_states=FluxPipeline._pack_latents(state, 3, 16, 8, 8),
+                          timestep=policy.timesteps[step].expand(3) / 1000,
+                          guidance=torch.full([3], FLUX_GUIDANCE), pooled_projections=pooled,
+                          encoder_hidden_states=embeds, txt_ids=torch.zeros(FLUX_TOKENS, 3),
+                          img_ids=FluxPipeline._prepare_latent_image_ids(3, 4, 4, "cpu", torch.float32)).sample
+        v = FluxPipeline._unpack_latents(out, 32, 32, 4)
+        return flow_sde_step(v, state, policy.sigmas[step], policy.sigmas[step + 1], 0.7)
+
+    assert_kls_equal_torch_distributions(policy, trajectory, base, gaussian)
+
+
 def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_ode_images(flow_path, tmp_path):
-    policy = make_policy(flow_path, sde="ode")
+    policy = make_policy(flow_path, sde="ode", lora_rank=4, lora_alpha=16.0)  # alpha != rank: the file must say it
     perturb_lora(policy, scale=0.2)
     policy.save_lora(tmp_path)
     expected = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(5)).outputs
@@ -281,7 +302,7 @@ def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_ode_image
     base = pipeline_images(load_pipeline(flow_path), PROMPTS[:2], 5, policy.guidance_scale)
     assert (base - expected).abs().max() > 1e-3  # the LoRA weights changed the samples
 
-    target = make_policy(flow_path, sde="ode")
+    target = make_policy(flow_path, sde="ode", lora_rank=4, lora_alpha=16.0)
     target.load_lora(tmp_path)
     for a, b in zip(policy.trainable_parameters(), target.trainable_parameters(), strict=True):
         torch.testing.assert_close(a, b)
@@ -438,8 +459,8 @@ def test_an_epoch_makes_the_floor_number_of_transformer_calls(request, tmp_path,
         assert any("lora" in n for n, _ in pipeline.transformer.named_parameters())
 
 
-def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(tiny_sd3_path):
-    policy = make_policy(tiny_sd3_path, sde="cps", noise_level=0.5, dtype=torch.bfloat16)
+def test_half_precision_keeps_lora_weights_float32_and_log_probs_finite(flow_path):
+    policy = make_policy(flow_path, sde="cps", noise_level=0.5, dtype=torch.bfloat16)
     assert_bf16_keeps_lora_float32_and_log_probs_recomputable(policy, PROMPTS[:2])
 
 
