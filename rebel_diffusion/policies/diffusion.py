@@ -174,11 +174,6 @@ def model_index(path: str | Path) -> dict:
         return {}
 
 
-def pipeline_class_name(path: str | Path) -> str | None:
-    """The `_class_name` of a local pipeline folder's `model_index.json`; None for a Hub id or a folder without one."""
-    return model_index(path).get("_class_name")
-
-
 def predicted_original_sample(
     model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

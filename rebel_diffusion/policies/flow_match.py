@@ -134,7 +134,7 @@ def resolve_window(sde: str, noise_level: float, sde_window, num_steps: int) -> 
     return parse_window(sde_window, stochastic_steps(sde, num_steps), f"sample.sde={sde!r} with model.num_steps={num_steps}")
 
 
-def check_cfg(cfg) -> None:
+def check_cfg(cfg: object) -> None:
     """`ValueError` naming `train.cfg` unless it is a bool."""
     if not isinstance(cfg, bool):
         raise ValueError(f"train.cfg must be True or False (classifier-free guidance in sampling and training), "
@@ -284,6 +284,8 @@ class FlowMatchPolicy(WindowedDiffusionPolicy):
             raise ValueError(f"the pipeline's scheduler is a {type(pipeline.scheduler).__name__}, not the "
                              "FlowMatchEulerDiscreteScheduler whose sigmas the flow steps integrate")
         self.is_flux = isinstance(pipeline, FluxPipeline)
+        if self.is_flux and max_sequence_length > 512:  # the T5 length FluxPipeline accepts at most
+            raise ValueError(f"model.max_sequence_length must be at most 512 for FLUX, got {max_sequence_length}")
         patch = 2 if self.is_flux else pipeline.patch_size  # FLUX packs 2x2 latent patches into tokens
         if resolution % (pipeline.vae_scale_factor * patch) != 0:
             raise ValueError(f"resolution {resolution} must be divisible by the VAE's {pipeline.vae_scale_factor} times "
