@@ -203,5 +203,7 @@ def test_flux_pickscore_rebel_is_flow_grpos_flux_setting_at_the_same_images():
     assert (f.sample.sde, f.sample.noise_level, tuple(f.sample.sde_window), f.kl_coef, f.train.cfg) == (
         "flow_sde", 0.9, (0, 5), 0.0, False)
     assert (f.reward.name, f.mixed_precision, f.model.max_sequence_length) == ("pickscore", "bf16", 512)
-    budget = ("sample.batch_size", "sample.num_batches_per_epoch", "train.batch_size", "train.gradient_accumulation_steps")
-    assert [f[k.split(".")[0]][k.split(".")[1]] for k in budget] == [r[k.split(".")[0]][k.split(".")[1]] for k in budget]
+    # The SD3.5 REBEL config's budget: 1152 images an epoch over 8 processes, two optimizer steps.
+    assert (f.sample.batch_size, f.sample.num_batches_per_epoch) == (r.sample.batch_size, r.sample.num_batches_per_epoch)
+    assert (f.train.batch_size, f.train.gradient_accumulation_steps) == (r.train.batch_size,
+                                                                         r.train.gradient_accumulation_steps)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline, FluxPipeline
 
 from rebel_diffusion.policies.flow_match import (FlowMatchPolicy, cps_step, flow_sde_step, latent_image_ids, ode_step,
                                                  pack_latents, unpack_latents)
@@ -25,10 +25,16 @@ FLUX_GUIDANCE = 3.5  # FLUX.1-dev's default embedded guidance
 FLUX_TOKENS = 32  # T5 tokens for the tiny FLUX: its character-level tokenizer needs 28 for the longest prompt
 
 
+def is_flux(path) -> bool:
+    """Whether the folder's model_index.json names a FluxPipeline (else it is the tiny SD3)."""
+    return json.loads((Path(path) / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+
+
 def family_options(path) -> dict:
     """The guidance and T5 length each tiny pipeline is tested at (FLUX: the embedded guidance)."""
-    is_flux = "flux" in str(path)
-    return {"guidance_scale": FLUX_GUIDANCE, "max_sequence_length": FLUX_TOKENS} if is_flux else {"guidance_scale": GUIDANCE}
+    if is_flux(path):
+        return {"guidance_scale": FLUX_GUIDANCE, "max_sequence_length": FLUX_TOKENS}
+    return {"guidance_scale": GUIDANCE}
 
 
 @pytest.fixture(params=["tiny_sd3_path", "tiny_flux_path"], ids=["sd3", "flux"])
@@ -64,8 +70,7 @@ def tolerance(pipeline, guidance_scale=GUIDANCE) -> float:
 
 def load_pipeline(path):
     """The pipeline class the folder's model_index.json names (SD3 without its T5)."""
-    is_flux = json.loads((Path(path) / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
-    options = {} if is_flux else {"text_encoder_3": None, "tokenizer_3": None}
+    options = {} if is_flux(path) else {"text_encoder_3": None, "tokenizer_3": None}
     pipeline = DiffusionPipeline.from_pretrained(path, **options)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -300,7 +305,7 @@ def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_ode_image
     fresh.load_lora_weights(tmp_path)
     images = pipeline_images(fresh, PROMPTS[:2], 5, policy.guidance_scale)
     torch.testing.assert_close(images, expected, atol=tolerance(fresh), rtol=0)
-    base = pipeline_images(load_pipeline(flow_path), PROMPTS[:2], 5, policy.guidance_scale)
+    base = pipeline_images(_loaded(str(flow_path)), PROMPTS[:2], 5, policy.guidance_scale)  # no LoRA
     assert (base - expected).abs().max() > 1e-3  # the LoRA weights changed the samples
 
     target = make_policy(flow_path, sde="ode", lora_rank=4, lora_alpha=8.0)
