@@ -378,6 +378,23 @@ def test_a_pipeline_of_another_family_and_flow_keys_on_lcm_are_one_line(tiny_sd3
         make_policy(tiny_sd3_path, noise_level=-1.0)
 
 
+def test_train_cfg_defines_the_run_and_a_checkpoint_from_before_it_resumes_with_cfg(tmp_path):
+    from configs.base import get_config
+    from rebel_diffusion.checkpoints import CHECKPOINT_FILE, CONFIG_FILE, check_resumable, flat_config
+    from rebel_diffusion.errors import ConfigError
+
+    config = get_config()
+    checkpoint = tmp_path / "epoch_0001"
+    checkpoint.mkdir()
+    (checkpoint / CHECKPOINT_FILE).write_text(json.dumps({"epoch": 1}))
+    saved = {key: value for key, value in flat_config(config).items() if key != "train.cfg"}  # an older run's config
+    (checkpoint / CONFIG_FILE).write_text(json.dumps(saved))
+    assert check_resumable(config, checkpoint) == []  # it ran with guidance, as train.cfg=True does
+    config.train.cfg = False  # the log-probs of another policy: not the same run
+    with pytest.raises(ConfigError, match=r"train.cfg: True -> False"):
+        check_resumable(config, checkpoint)
+
+
 def test_flux_folders_with_the_wrong_policy_or_without_t5_and_a_bad_train_cfg_are_one_line(tiny_flux_path, tmp_path):
     from rebel_diffusion.trainer import ConfigError, validate_config
     from test_trainer import tiny_config
