@@ -295,8 +295,15 @@ def test_flux_k1_and_exact_kl_equal_torch_distributions_against_a_separate_base(
 
 
 def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_ode_images(flow_path, tmp_path):
+    from configs.flux_pickscore_rebel import FLUX_LORA_TARGETS
+
+    # alpha != rank: the file must say it; FLUX with the FLUX config's targets (its feed-forward layers too).
+    options = {"lora_rank": 4, "lora_alpha": 8.0, **({"lora_targets": FLUX_LORA_TARGETS} if is_flux(flow_path) else {})}
     torch.manual_seed(0)  # the adapter's gaussian init: the same weights whichever tests ran before
-    policy = make_policy(flow_path, sde="ode", lora_rank=4, lora_alpha=8.0)  # alpha != rank: the file must say it
+    policy = make_policy(flow_path, sde="ode", **options)
+    if is_flux(flow_path):
+        adapted = {n.split(".lora_")[0] for n, p in policy.transformer.named_parameters() if p.requires_grad}
+        assert {"transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.attn.to_q"} <= adapted
     perturb_lora(policy, scale=0.1)
     policy.save_lora(tmp_path)
     expected = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(5)).outputs
@@ -308,7 +315,7 @@ def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_ode_image
     base = pipeline_images(_loaded(str(flow_path)), PROMPTS[:2], 5, policy.guidance_scale)  # no LoRA
     assert (base - expected).abs().max() > 1e-3  # the LoRA weights changed the samples
 
-    target = make_policy(flow_path, sde="ode", lora_rank=4, lora_alpha=8.0)
+    target = make_policy(flow_path, sde="ode", **options)
     target.load_lora(tmp_path)
     for a, b in zip(policy.trainable_parameters(), target.trainable_parameters(), strict=True):
         torch.testing.assert_close(a, b)
