@@ -143,8 +143,11 @@ def test_prompt_embeddings_are_computed_once_per_distinct_prompt(policy, monkeyp
     torch.testing.assert_close(second, first.flip(0))
 
 
-def test_saved_lora_loads_with_load_lora_weights(policy, tiny_lcm_path, tmp_path):
-    perturb_lora(policy, scale=0.2)
+def test_saved_lora_loads_with_load_lora_weights(tiny_lcm_path, tmp_path):
+    # alpha != rank: the file must say it, or diffusers scales the update by rank / rank = 1 instead of alpha / rank = 2.
+    torch.manual_seed(0)  # the adapter's gaussian init: the same weights whichever tests ran before
+    policy = LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32, lora_rank=4, lora_alpha=8.0)
+    perturb_lora(policy, scale=0.2)  # B != 0: the adapter changes the images
     policy.save_lora(tmp_path)
     expected = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(5)).outputs
     fresh = LatentConsistencyModelPipeline.from_pretrained(tiny_lcm_path)
