@@ -402,7 +402,8 @@ def test_train_cfg_defines_the_run_and_a_checkpoint_from_before_it_resumes_with_
         check_resumable(config, checkpoint)
 
 
-def test_flux_folders_with_the_wrong_policy_or_without_t5_and_a_bad_train_cfg_are_one_line(tiny_flux_path, tmp_path):
+def test_flux_folders_with_the_wrong_policy_or_without_t5_and_a_bad_train_cfg_are_one_line(tiny_flux_path, tiny_lcm_path,
+                                                                                            tmp_path):
     from rebel_diffusion.trainer import ConfigError, validate_config
     from test_trainer import tiny_config
 
@@ -416,8 +417,9 @@ def test_flux_folders_with_the_wrong_policy_or_without_t5_and_a_bad_train_cfg_ar
     assert "holds a FluxPipeline, not a StableDiffusionPipeline or StableDiffusionXLPipeline" in error(
         tiny_flux_path, policy="ddim")
     assert "train.cfg must be True or False" in error(tiny_flux_path, policy="flow_match", **{"train.cfg": None})
+    assert "holds a FluxPipeline, not a LatentConsistencyModelPipeline" in error(tiny_flux_path, policy="lcm")
     assert "train.cfg does not apply to policy 'lcm' (only to flow_match)" in error(
-        tiny_flux_path, policy="lcm", **{"train.cfg": False})
+        tiny_lcm_path, policy="lcm", **{"train.cfg": False})
     with pytest.raises(ValueError, match="train.cfg must be True or False"):
         FlowMatchPolicy.from_pretrained(tiny_flux_path, cfg="no")
     with pytest.raises(ValueError, match="model.max_sequence_length must be at most 512 for FLUX, got 513"):

@@ -180,6 +180,33 @@ def test_bad_model_path_is_one_clear_error(tmp_path):
         LCMPolicy.from_pretrained(str(tmp_path))  # exists, but is no pipeline
 
 
+def test_a_pipeline_folder_of_another_family_is_one_line_before_a_model_loads(tiny_flux_path, tiny_sd_path, tmp_path,
+                                                                              monkeypatch):
+    import rebel_diffusion.policies.lcm as lcm
+    from rebel_diffusion.trainer import ConfigError, validate_config
+    from test_trainer import tiny_config
+
+    monkeypatch.setattr(lcm, "load_pipeline", lambda *args, **kwargs: pytest.fail("a model started loading"))
+    # FLUX (another architecture) and SD 1.5 (a UNet without the LCM's w-embedding, which loaded in full before).
+    for path, name in [(tiny_flux_path, "FluxPipeline"), (tiny_sd_path, "StableDiffusionPipeline")]:
+        with pytest.raises(ConfigError) as error:
+            validate_config(tiny_config(path, tmp_path, policy="lcm"))
+        assert f"model.pretrained {str(path)!r} holds a {name}, not a LatentConsistencyModelPipeline: policy 'lcm'" in (
+            str(error.value)) and "\n" not in str(error.value)
+        with pytest.raises(ValueError, match=f"holds a {name}, not a LatentConsistencyModelPipeline"):
+            LCMPolicy.from_pretrained(path)
+
+
+@pytest.mark.slow  # a fresh interpreter; the message itself is checked in-process above
+def test_a_flux_folder_with_policy_lcm_exits_2_with_one_line(tiny_flux_path, tmp_path):
+    from test_train import run_all
+
+    result = run_all({"flux": ["--config.policy=lcm", f"--config.model.pretrained={tiny_flux_path}"]}, tmp_path)["flux"]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "holds a FluxPipeline, not a LatentConsistencyModelPipeline: policy 'lcm'" in lines[0], result.stderr
+
+
 def test_options_are_validated(tiny_lcm_path):
     with pytest.raises(ValueError, match="logprob_reduction"):
         LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32, logprob_reduction="max")
