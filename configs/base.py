@@ -123,6 +123,9 @@ def get_config() -> ConfigDict:
     config.train.lr_warmup_steps = 0
     config.train.num_inner_epochs = 1
     config.train.gradient_checkpointing = False  # recompute UNet activations in backward: less memory, more time
+    # flow_match (SD3): classifier-free guidance in sampling and training; False runs the conditional branch only
+    # (flow_grpo's "no cfg": half the transformer calls, the log-probs those of the unguided policy). FLUX has no CFG.
+    config.train.cfg = True
     config.train.max_grad_norm = 5.0
     config.train.adam_beta1 = 0.9
     config.train.adam_beta2 = 0.999

@@ -55,7 +55,7 @@ RUN_KEYS = frozenset({
     "preference.name", "preference.reward", "preference.temperature",
     "sample.batch_size", "sample.num_batches_per_epoch", "sample.sde", "sample.noise_level", "sample.sde_window",
     "sample.eta",
-    "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm",
+    "train.batch_size", "train.gradient_accumulation_steps", "train.num_inner_epochs", "train.max_grad_norm", "train.cfg",
     "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
     "rebel.eta", "rebel.target", "rebel.mu", "rebel.mix.policy", "rebel.mix.base", "rebel.mix.offline",
     "rebel.offline_data", "ppo.clip_range", "ppo.adv_clip_max", "rloo.k", "rloo.clip_range",
@@ -221,6 +221,7 @@ def check_resumable(config: ConfigDict, checkpoint: Path) -> list[str]:
     if old is None:
         return []
     old.setdefault("reward.aggregate", "sum")  # what a checkpoint from before the key existed did
+    old.setdefault("train.cfg", True)  # likewise: guidance as the pipeline runs it
     sections = set(ALGORITHM_SECTIONS.values())
     kept = {ALGORITHM_SECTIONS.get(old.get("algorithm")), ALGORITHM_SECTIONS.get(new["algorithm"])}
     defining = {key for key in new if key not in RESUMABLE_KEYS

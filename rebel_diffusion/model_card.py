@@ -22,12 +22,13 @@ COMMON_KEYS = (
 LCM_KEYS = ("resolution", "model.num_steps", "model.guidance_scale")
 TEXT_KEYS = ("model.max_new_tokens", "model.temperature")
 FLOW_KEYS = ("resolution", "model.num_steps", "model.guidance_scale", "sample.sde", "sample.noise_level",
-             "sample.sde_window")
+             "sample.sde_window", "train.cfg")
 DDIM_KEYS = ("resolution", "model.num_steps", "model.guidance_scale", "sample.eta", "sample.sde_window")
 # The diffusers pipeline class that loads each image policy's LoRA file, and the card's tags for it. The DDIM policy
-# takes SD 1.5 and SDXL: DiffusionPipeline picks the class from the base model's model_index.json.
+# takes SD 1.5 and SDXL, the flow policy SD3 and FLUX.1: DiffusionPipeline picks the class from the base model's
+# model_index.json (for a local base folder the card names the class that file holds).
 IMAGE_PIPELINES = {"lcm": ("LatentConsistencyModelPipeline", "latent-consistency-model", LCM_KEYS),
-                   "flow_match": ("StableDiffusion3Pipeline", "flow-matching", FLOW_KEYS),
+                   "flow_match": ("DiffusionPipeline", "flow-matching", FLOW_KEYS),
                    "ddim": ("DiffusionPipeline", "stable-diffusion", DDIM_KEYS)}
 
 
@@ -45,6 +46,15 @@ def _yaml_string(value: str) -> str:
     return json.dumps(value)
 
 
+def _local_pipeline_class(path: str) -> str | None:
+    """The `_class_name` of a local pipeline folder's model_index.json; None for a Hub id or an unreadable file."""
+    index = Path(path).expanduser() / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def write_model_card(directory: Path, config: dict[str, Any], metrics: dict[str, Any] | None) -> Path:
     """Write `<directory>/README.md` for the checkpoint in `directory` and return its path.
 
@@ -58,6 +68,8 @@ def write_model_card(directory: Path, config: dict[str, Any], metrics: dict[str,
     is_lcm = policy in IMAGE_PIPELINES  # an image policy with a diffusers pipeline
     pipeline_class, family_tag, image_keys = IMAGE_PIPELINES.get(policy, IMAGE_PIPELINES["lcm"])
     base_model = str(_get(config, "model.pretrained"))
+    if policy == "flow_match":
+        pipeline_class = _local_pipeline_class(base_model) or pipeline_class
     algorithm = str(config.get("algorithm", "unknown"))
     reward = str(_get(config, "reward.name"))
     library = "diffusers" if is_lcm else "peft"
@@ -108,6 +120,8 @@ def write_model_card(directory: Path, config: dict[str, Any], metrics: dict[str,
             f"pipe = {pipeline_class}.from_pretrained({base_model!r})",
             *(["pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"] if ddim else []),
             "pipe.load_lora_weights(\"path/to/this/folder\")",
+            *(["# trained without classifier-free guidance (train.cfg=False): SD3 samples as trained at guidance_scale=1"]
+              if policy == "flow_match" and _get(config, "train.cfg") is False else []),
             f"image = pipe(\"a prompt\", num_inference_steps={_get(config, 'model.num_steps')}, "
             f"guidance_scale={_get(config, 'model.guidance_scale')}{eta}).images[0]",
         ]

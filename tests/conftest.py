@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random pipelines (LCM, SD3, SD 1.5, SDXL) and causal LMs saved with `save_pretrained` and
+"""Shared fixtures: tiny random pipelines (LCM, SD3, FLUX, SD 1.5, SDXL) and causal LMs saved with `save_pretrained` and
 loaded the way a user's model is."""
 
 from __future__ import annotations
@@ -84,6 +84,44 @@ def build_tiny_sd3_pipeline(tokenizer_dir: Path, seed: int = 0):
     )
 
 
+def build_t5_tokenizer(max_length: int = 16):
+    """A character-level T5 (Unigram) tokenizer built in memory: T5's <pad> = 0, </s> = 1, <unk> = 2, no sentinels."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits]
+    pieces += [("\u2581" + c, -2.5) for c in string.ascii_lowercase]  # a word's first letter
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def build_tiny_flux_pipeline(tokenizer_dir: Path, seed: int = 0, guidance_embeds: bool = True):
+    """A random FLUX.1-style `FluxPipeline`: a 2-layer CLIP encoder (its 32-d pooled output), a 2-layer T5 encoder (its
+    32-d sequence), a `FluxTransformer2DModel` with one double- and one single-stream block on 64-channel tokens (2x2
+    patches of 8x8x16 latents), the guidance embedding of FLUX.1-dev, a 16-channel VAE with FLUX's scaling and shift
+    factors (32 px images) and FLUX.1-dev's dynamically shifted flow scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_clip_tokenizer(tokenizer_dir, model_max_length=16), build_t5_tokenizer()
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    )
+    vae = tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
 # The noise schedule of SD 1.5 and SDXL base, with the schedulers their folders ship (the DDIM policy replaces them).
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                    set_alpha_to_one=False, clip_sample=False)
@@ -146,6 +184,12 @@ def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD3 pipeline folder without T5, as `save_pretrained` writes it."""
     return save_pipeline(tmp_path_factory.mktemp("tiny-sd3"), build_tiny_sd3_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random FLUX.1-dev-style pipeline folder (guidance embedding, T5), as `save_pretrained` writes it."""
+    return save_pipeline(tmp_path_factory.mktemp("tiny-flux"), build_tiny_flux_pipeline)
 
 
 @pytest.fixture(scope="session")

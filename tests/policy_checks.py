@@ -103,10 +103,12 @@ def count_denoiser_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, boo
     return calls
 
 
-def floor_denoiser_calls(config, num_steps: int, window: int) -> list[tuple[int, bool]]:
-    """What `count_denoiser_calls` must see in one REBEL epoch at kl_coef 0 of a guided diffusion policy whose
-    `window` of its `num_steps` steps are actions, with no sample grids."""
-    k, cfg = 2, 2  # REBEL's pairs; every call carries the unconditional and conditional batch
+def floor_denoiser_calls(config, num_steps: int, window: int, cfg: bool = True) -> list[tuple[int, bool]]:
+    """What `count_denoiser_calls` must see in one REBEL epoch at kl_coef 0 of a diffusion policy whose `window` of its
+    `num_steps` steps are actions, with no sample grids: guided by classifier-free guidance (`cfg`) or not (SD3 with
+    `train.cfg` False, FLUX's embedded guidance)."""
+    k = 2  # REBEL's pairs
+    cfg = 2 if cfg else 1  # with guidance every call carries the unconditional and the conditional batch
     batches, prompts = config.sample.num_batches_per_epoch, config.sample.batch_size
     micro_batches = batches * prompts // config.train.batch_size
     # Sampling: every step, the deterministic ones outside the window too, on each batch of k samples per prompt.

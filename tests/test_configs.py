@@ -203,3 +203,23 @@ def test_sd35_pickscore_grpo_is_flow_grpos_setting_and_rebel_spends_the_same_ima
 
     assert per_epoch(g) == per_epoch(r) == (144, 2)  # 48 prompts x 24 images over 8 processes; 2 steps an epoch
     assert (r.algorithm, r.kl_coef, r.sample.batch_size * 2) == ("rebel", 0.0, 24)  # 24 images per sampling call
+
+
+def test_flux_pickscore_rebel_is_flow_grpos_flux_setting_at_the_same_images():
+    from configs import flux_pickscore_rebel, sd35_pickscore_rebel
+
+    f, r = flux_pickscore_rebel.get_config(), sd35_pickscore_rebel.get_config()
+    # flow_grpo's pickscore_flux (config/grpo.py): FLUX.1-dev, 6 steps, guidance embedding 3.5, 512 px, SDE at 0.9 on
+    # the first 5 steps (timestep_fraction 0.99), beta 0, 128 T5 tokens; no classifier-free guidance.
+    assert (f.policy, f.algorithm, f.model.pretrained, f.model.num_steps, f.model.guidance_scale, f.resolution) == (
+        "flow_match", "rebel", "black-forest-labs/FLUX.1-dev", 6, 3.5, 512)
+    assert (f.sample.sde, f.sample.noise_level, tuple(f.sample.sde_window), f.kl_coef, f.train.cfg) == (
+        "flow_sde", 0.9, (0, 5), 0.0, False)
+    assert (f.reward.name, f.mixed_precision, f.model.max_sequence_length) == ("pickscore", "bf16", 128)
+    # scripts/train_flux.py: LoRA rank 64, alpha 128 on the attention and the double-stream feed-forward layers.
+    assert (f.lora.rank, f.lora.alpha, len(f.lora.targets.split(","))) == (64, 128.0, 12)
+    assert (f.train.learning_rate, f.train.adam_weight_decay, f.train.max_grad_norm) == (3e-4, 1e-4, 1.0)
+    # The SD3.5 REBEL config's budget: 1152 images an epoch over 8 processes, two optimizer steps.
+    assert (f.sample.batch_size, f.sample.num_batches_per_epoch) == (r.sample.batch_size, r.sample.num_batches_per_epoch)
+    assert (f.train.batch_size, f.train.gradient_accumulation_steps) == (r.train.batch_size,
+                                                                         r.train.gradient_accumulation_steps)

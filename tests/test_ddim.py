@@ -234,9 +234,11 @@ def test_k1_and_exact_kl_equal_torch_distributions_against_a_separate_base(tiny_
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_eta_zero_images(request, tmp_path, family):
     path = family_path(request, family)
-    policy = make_policy(path, family, eta=0.0)
+    lora = {"lora_rank": 4, "lora_alpha": 8.0}  # alpha != rank: the file must say it, or diffusers takes alpha = rank
+    torch.manual_seed(0)  # the adapter's gaussian init: the same weights whichever tests ran before
+    policy = make_policy(path, family, eta=0.0, **lora)
     assert policy.num_actions == 0
-    perturb_lora(policy, scale=0.2)
+    perturb_lora(policy, scale=0.2)  # B != 0: the adapter changes the images
     policy.save_lora(tmp_path)
     expected = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(5)).outputs
     fresh = copy.deepcopy(_loaded(str(path), family))  # as loaded from disk, without an adapter
@@ -246,7 +248,7 @@ def test_saved_lora_loads_with_load_lora_weights_and_gives_the_policys_eta_zero_
     base = pipeline_images(_loaded(str(path), family), PROMPTS[:2], 5, eta=0.0)
     assert (base - expected).abs().max() > 1e-3  # the LoRA weights changed the samples
 
-    target = make_policy(path, family)
+    target = make_policy(path, family, **lora)
     target.load_lora(tmp_path)
     for a, b in zip(policy.trainable_parameters(), target.trainable_parameters(), strict=True):
         torch.testing.assert_close(a, b)

@@ -143,8 +143,11 @@ def test_prompt_embeddings_are_computed_once_per_distinct_prompt(policy, monkeyp
     torch.testing.assert_close(second, first.flip(0))
 
 
-def test_saved_lora_loads_with_load_lora_weights(policy, tiny_lcm_path, tmp_path):
-    perturb_lora(policy, scale=0.2)
+def test_saved_lora_loads_with_load_lora_weights(tiny_lcm_path, tmp_path):
+    # alpha != rank: the file must say it, or diffusers scales the update by rank / rank = 1 instead of alpha / rank = 2.
+    torch.manual_seed(0)  # the adapter's gaussian init: the same weights whichever tests ran before
+    policy = LCMPolicy.from_pretrained(tiny_lcm_path, resolution=32, lora_rank=4, lora_alpha=8.0)
+    perturb_lora(policy, scale=0.2)  # B != 0: the adapter changes the images
     policy.save_lora(tmp_path)
     expected = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(5)).outputs
     fresh = LatentConsistencyModelPipeline.from_pretrained(tiny_lcm_path)
@@ -175,6 +178,33 @@ def test_bad_model_path_is_one_clear_error(tmp_path):
         LCMPolicy.from_pretrained(str(tmp_path / "missing" / "model"))
     with pytest.raises(FileNotFoundError, match="cannot load model"):
         LCMPolicy.from_pretrained(str(tmp_path))  # exists, but is no pipeline
+
+
+def test_a_pipeline_folder_of_another_family_is_one_line_before_a_model_loads(tiny_flux_path, tiny_sd_path, tmp_path,
+                                                                              monkeypatch):
+    import rebel_diffusion.policies.lcm as lcm
+    from rebel_diffusion.trainer import ConfigError, validate_config
+    from test_trainer import tiny_config
+
+    monkeypatch.setattr(lcm, "load_pipeline", lambda *args, **kwargs: pytest.fail("a model started loading"))
+    # FLUX (another architecture) and SD 1.5 (a UNet without the LCM's w-embedding, which loaded in full before).
+    for path, name in [(tiny_flux_path, "FluxPipeline"), (tiny_sd_path, "StableDiffusionPipeline")]:
+        with pytest.raises(ConfigError) as error:
+            validate_config(tiny_config(path, tmp_path, policy="lcm"))
+        assert f"model.pretrained {str(path)!r} holds a {name}, not a LatentConsistencyModelPipeline: policy 'lcm'" in (
+            str(error.value)) and "\n" not in str(error.value)
+        with pytest.raises(ValueError, match=f"holds a {name}, not a LatentConsistencyModelPipeline"):
+            LCMPolicy.from_pretrained(path)
+
+
+@pytest.mark.slow  # a fresh interpreter; the message itself is checked in-process above
+def test_a_flux_folder_with_policy_lcm_exits_2_with_one_line(tiny_flux_path, tmp_path):
+    from test_train import run_all
+
+    result = run_all({"flux": ["--config.policy=lcm", f"--config.model.pretrained={tiny_flux_path}"]}, tmp_path)["flux"]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "holds a FluxPipeline, not a LatentConsistencyModelPipeline: policy 'lcm'" in lines[0], result.stderr
 
 
 def test_options_are_validated(tiny_lcm_path):

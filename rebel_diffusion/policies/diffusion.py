@@ -174,11 +174,6 @@ def model_index(path: str | Path) -> dict:
         return {}
 
 
-def pipeline_class_name(path: str | Path) -> str | None:
-    """The `_class_name` of a local pipeline folder's `model_index.json`; None for a Hub id or a folder without one."""
-    return model_index(path).get("_class_name")
-
-
 def predicted_original_sample(
     model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,9 +214,11 @@ def parse_window(sde_window, available: int, steps: str) -> tuple[int, int]:
 
 def save_unet_lora(pipeline_class: type, unet: torch.nn.Module, directory: str | Path) -> None:
     """Write the UNet's LoRA as `pytorch_lora_weights.safetensors` in diffusers' naming, what
-    `pipeline_class.load_lora_weights(directory)` reads."""
-    pipeline_class.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(unet)))
+    `pipeline_class.load_lora_weights(directory)` reads. The adapter's config goes in the file's metadata: without it
+    diffusers loads the weights with alpha = rank, and any other `lora.alpha` would scale the update wrongly."""
+    pipeline_class.save_lora_weights(
+        directory, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
 
 
 def load_unet_lora(pipeline_class: type, unet: torch.nn.Module, directory: str | Path) -> None:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 # Re-exported: the LCM chain's Gaussian, its KL and the LoRA helpers were first written here.
 from rebel_diffusion.policies.diffusion import (ImageOutputs, _adapters_disabled, check_options, config_options,
                                                 freeze_and_add_lora, gaussian_kl, gaussian_log_prob, load_pipeline,
-                                                load_unet_lora, merged_lora, predicted_original_sample, save_unet_lora)
+                                                load_unet_lora, merged_lora, model_index, predicted_original_sample,
+                                                save_unet_lora)
 from rebel_diffusion.trajectory import Trajectory
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -60,6 +61,15 @@ def lcm_step(
     mean = alpha_prod_t_prev.sqrt() * denoised
     std = (1 - alpha_prod_t_prev).sqrt()
     return denoised, mean, std
+
+
+def check_pipeline_family(path: str | Path) -> None:
+    """`ValueError` naming `model.pretrained` when a local folder's `model_index.json` names another pipeline class;
+    a Hub id (or a folder without that file) is left to `LatentConsistencyModelPipeline.from_pretrained`."""
+    name = model_index(path).get("_class_name")
+    if name is not None and name != "LatentConsistencyModelPipeline":
+        raise ValueError(f"model.pretrained {str(path)!r} holds a {name}, not a LatentConsistencyModelPipeline: policy "
+                         "'lcm' needs an LCM pipeline (ddim takes SD 1.5 and SDXL, flow_match SD3 and FLUX.1)")
 
 
 def peak_memory_mb(device: torch.device | str) -> float | None:
@@ -175,7 +185,9 @@ class LCMPolicy(ImageOutputs):
     def from_pretrained(
         cls, model_id_or_path: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, **options
     ) -> LCMPolicy:
-        """Load a `LatentConsistencyModelPipeline` (a Hub id or a local folder) and wrap it; `options` as in __init__."""
+        """Load a `LatentConsistencyModelPipeline` (a Hub id or a local folder) and wrap it; `options` as in __init__.
+        A folder of another family is refused before anything loads."""
+        check_pipeline_family(model_id_or_path)
         pipeline = load_pipeline(LatentConsistencyModelPipeline, str(model_id_or_path), dtype, safety_checker=None,
                                  requires_safety_checker=False)
         return cls(pipeline, device=device, dtype=dtype, **options)
@@ -187,6 +199,11 @@ class LCMPolicy(ImageOutputs):
         `train.gradient_checkpointing`)."""
         return cls.from_pretrained(config.model.pretrained, device=device, dtype=dtype,
                                    **config_options(config, LORA_TARGETS))
+
+    @staticmethod
+    def check_config(config: ConfigDict) -> None:
+        """`ValueError` naming `model.pretrained` for a pipeline folder of another family, before any model loads."""
+        check_pipeline_family(config.model.pretrained)
 
     @property
     def num_actions(self) -> int:
