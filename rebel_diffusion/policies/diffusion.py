@@ -104,6 +104,7 @@ class _MergedWeight:
 
 
 def _lora_weights(layer: LoraLayer, adapters: list[str]) -> list[torch.Tensor]:
+    """The A and B weights of `layer`'s `adapters`, in order: what a merged weight depends on besides W."""
     return [w for name in adapters for w in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
 
 
