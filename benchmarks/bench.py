@@ -3,6 +3,7 @@ each algorithm's update against its floor of denoiser passes, update memory agai
 reward served by another process against in-process.
 
     OMP_NUM_THREADS=1 python benchmarks/bench.py              # tiny LCM + SD-1.5-shaped UNet at 64 px, CPU
+    OMP_NUM_THREADS=1 python benchmarks/bench.py --sd-resolution 256   # the SD-1.5-shaped section at 256 px
     python benchmarks/bench.py --quick                         # the smoke test: tiny models, one round, batch 2
     python benchmarks/bench.py --device cuda --full-size       # SD-1.5-shaped at 768 px on a GPU (unverified)
 
@@ -246,7 +247,13 @@ def lora_policy(pipeline: LatentConsistencyModelPipeline, num_steps: int, resolu
 
 def sampler_rows(name: str, policy: LCMPolicy, bare: LatentConsistencyModelPipeline, batch: int, repeats: int) -> list[Row]:
     """`LCMPolicy.sample` against `LatentConsistencyModelPipeline.__call__` on the same UNet, prompts and seed: the
-    pipeline without LoRA (`bare`) and the policy's own pipeline, whose UNet carries the LoRA unmerged."""
+    pipeline without LoRA (`bare`) and the policy's own pipeline, whose UNet carries the LoRA unmerged; and against
+    itself with the LoRA left unmerged (`merge_for_sampling` off), which judges whether merging pays.
+
+    The merged weights are kept between calls while the LoRA is unchanged, as between two optimizer steps; the
+    "re-merging" case changes the LoRA's values before each call, as the first sampling batch after an optimizer step
+    sees them: it negates A and B, which leaves the delta B @ A (and so the images) bit for bit the same.
+    """
     prompts = [PROMPT] * batch
     side = policy.resolution
 
@@ -254,10 +261,26 @@ def sampler_rows(name: str, policy: LCMPolicy, bare: LatentConsistencyModelPipel
         return lambda: pipeline(prompts, num_inference_steps=policy.num_steps, guidance_scale=policy.guidance_scale,
                                 generator=torch.Generator().manual_seed(0), output_type="pt", height=side, width=side)
 
+    def sample(merge: bool = True, change_lora: bool = False) -> Callable[[], object]:
+        def run() -> object:
+            if change_lora:
+                with torch.no_grad():
+                    for param in policy.trainable_parameters():
+                        param.neg_()
+            merging, policy.merge_for_sampling = policy.merge_for_sampling, policy.merge_for_sampling and merge
+            try:
+                return policy.sample(prompts, generator=torch.Generator().manual_seed(0))
+            finally:
+                policy.merge_for_sampling = merging
+
+        return run
+
     times = medians({
-        "sampler": lambda: policy.sample(prompts, generator=torch.Generator().manual_seed(0)),
+        "sampler": sample(),
         "bare": pipeline_call(bare),
         "lora": pipeline_call(policy.pipeline),
+        "unmerged": sample(merge=False),
+        "re-merging": sample(change_lora=True),
     }, repeats, policy.device)
     where = f"batch {batch}, {policy.num_steps} steps, {side} px"
     return [
@@ -265,6 +288,10 @@ def sampler_rows(name: str, policy: LCMPolicy, bare: LatentConsistencyModelPipel
          f"{ms(times['sampler'])} / {ms(times['bare'])}", "<= 1.0"),
         (name, f"`LCMPolicy.sample` / the pipeline with the same LoRA loaded ({where})", times["sampler"] / times["lora"],
          f"{ms(times['sampler'])} / {ms(times['lora'])}", "<= 1.0"),
+        (name, f"`LCMPolicy.sample` / the same with the LoRA unmerged ({where})", times["sampler"] / times["unmerged"],
+         f"{ms(times['sampler'])} / {ms(times['unmerged'])}", "<= 1.0"),
+        (name, f"`LCMPolicy.sample` re-merging (LoRA changed since the last call) / bare ({where})",
+         times["re-merging"] / times["bare"], f"{ms(times['re-merging'])} / {ms(times['bare'])}", ""),
     ]
 
 
@@ -733,8 +760,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--full-size", action="store_true",
                         help="SD-1.5-shaped model at 768 px, bf16, sampling batch 16, 8 steps (GPU; unverified)")
-    parser.add_argument("--sd-repeats", type=int, default=1,
-                        help="rounds for the SD-1.5-shaped UNet at reduced size (one fp32 forward ~3 s on a CPU core)")
+    parser.add_argument("--sd-repeats", type=int, default=3,
+                        help="rounds for the SD-1.5-shaped UNet at reduced size (one fp32 forward ~2 s on a CPU core)")
+    parser.add_argument("--sd-resolution", type=int, default=64,
+                        help="pixels for the SD-1.5-shaped UNet at reduced size (64: 8x8 latents, the smallest it takes)")
     parser.add_argument("--sd-steps", type=int, default=4, help="LCM steps for the SD-1.5-shaped UNet at reduced size")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine may be shared)")
     parser.add_argument("--out", type=Path, help="also write the table to this file, row by row")
@@ -761,8 +790,9 @@ def main(argv: list[str] | None = None) -> str:
         return table.markdown()
 
     gc.collect()
-    resolution, batch, steps, sd_repeats, dtype = ((768, 16, 8, args.repeats, torch.bfloat16) if args.full_size
-                                                   else (64, 2, args.sd_steps, args.sd_repeats, torch.float32))
+    resolution, batch, steps, sd_repeats, dtype = (
+        (768, 16, 8, args.repeats, torch.bfloat16) if args.full_size
+        else (args.sd_resolution, 2, args.sd_steps, args.sd_repeats, torch.float32))
     name = f"SD-1.5-shaped UNet, {resolution} px"
     pipeline = sd15_pipeline(resolution, args.full_size, device, dtype)
     policy = lora_policy(pipeline, steps, resolution)

@@ -308,6 +308,22 @@ def test_sampling_with_merged_lora_equals_the_unmerged_adapter(policy):
     assert all(p.requires_grad for p in policy.trainable_parameters()) and policy.trainable_parameters()
 
 
+def test_merged_sampling_follows_the_lora_after_an_optimizer_step(policy):
+    # The merged weights are kept between calls: the step must reach the next sample as it reaches the unmerged one.
+    perturb_lora(policy, scale=0.2)
+    before = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+    log_prob, _ = policy.log_prob(before, range(0, 1))
+    log_prob.sum().backward()
+    optimizer.step()
+    merged = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(2))
+    policy.merge_for_sampling = False
+    unmerged = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(unmerged.actions, before.actions, atol=1e-4)
+    torch.testing.assert_close(merged.actions, unmerged.actions, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged.log_probs, unmerged.log_probs, atol=1e-5, rtol=0)
+
+
 def test_merged_lora_is_undone_on_error_and_refuses_grad(policy):
     from rebel_diffusion.policies.lcm import merged_lora
 
