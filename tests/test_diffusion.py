@@ -181,3 +181,19 @@ def test_an_error_inside_the_block_or_during_a_merge_leaves_nothing_merged(net, 
         lora_b.div_(2)  # exact: the values of the last good merge
     merged, unmerged = merged_and_unmerged(net)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_the_pipeline_class_a_model_index_names_is_read_before_any_weights_load(tmp_path):
+    import json
+
+    from rebel_diffusion.policies.diffusion import hub_pipeline_class
+
+    pipelines = {"StableDiffusion3Pipeline": object, "FluxPipeline": object}
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert hub_pipeline_class(str(tmp_path), pipelines) == "FluxPipeline"
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="is a StableDiffusionPipeline, not a StableDiffusion3Pipeline or FluxPipeline"):
+        hub_pipeline_class(str(tmp_path), pipelines)
+    (tmp_path / "model_index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="cannot load model"):
+        hub_pipeline_class(str(tmp_path), pipelines)

@@ -25,13 +25,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from ml_collections import ConfigDict
 from peft import LoraConfig
 
 from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_model_path, check_options,
-                                                config_options, first_line, load_pipeline, load_unet_lora, model_index,
-                                                parse_window, predicted_original_sample, save_unet_lora)
+                                                config_options, hub_pipeline_class, load_pipeline, load_unet_lora,
+                                                model_index, parse_window, predicted_original_sample, save_unet_lora)
 from rebel_diffusion.policies.lcm import LORA_TARGETS
 
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
@@ -193,12 +193,7 @@ class DDIMPolicy(WindowedDiffusionPolicy):
         name = check_pipeline_family(path)
         resolve_window(options.get("eta", 1.0), options.get("sde_window", ()), options.get("num_steps", 50))
         if name is None:  # a Hub id (or a folder without model_index.json): its model_index.json says the class
-            try:
-                name = DiffusionPipeline.load_config(path)["_class_name"]
-            except (OSError, ValueError, KeyError) as e:
-                raise FileNotFoundError(f"cannot load model {path!r}: {first_line(e)}") from e
-            if name not in PIPELINES:
-                raise ValueError(f"model {path!r} is a {name}, not a StableDiffusionPipeline or StableDiffusionXLPipeline")
+            name = hub_pipeline_class(path, PIPELINES)
         pipeline = load_pipeline(PIPELINES[name], path, dtype, **LOAD_OPTIONS[name])
         return cls(pipeline, device=device, dtype=dtype, **options)
 

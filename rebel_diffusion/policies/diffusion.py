@@ -222,6 +222,20 @@ def config_options(config: ConfigDict, lora_targets: tuple[str, ...]) -> dict:
     )
 
 
+def hub_pipeline_class(path: str, pipelines: dict[str, type]) -> str:
+    """The pipeline class a Hub id (or a folder without `model_index.json`) names in its `model_index.json`, one of
+    `pipelines`' keys; `FileNotFoundError` (one line) when it cannot be read, `ValueError` for another class."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(path)["_class_name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise FileNotFoundError(f"cannot load model {path!r}: {first_line(e)}") from e
+    if name not in pipelines:
+        raise ValueError(f"model.pretrained {path!r} is a {name}, not a {' or '.join(pipelines)}")
+    return name
+
+
 def model_index(path: str | Path) -> dict:
     """A local pipeline folder's `model_index.json`; {} for a Hub id or a folder without a readable one."""
     index = Path(path).expanduser() / "model_index.json"

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
@@ -45,7 +45,7 @@ from ml_collections import ConfigDict
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from rebel_diffusion.policies.diffusion import (WindowedDiffusionPolicy, check_model_path, check_options,
-                                                config_options, first_line, load_pipeline, model_index, parse_window)
+                                                config_options, hub_pipeline_class, load_pipeline, model_index, parse_window)
 
 # The joint attention's image and text projections (Flow-GRPO's targets for SD3.5 and FLUX.1; in FLUX's single-stream
 # blocks the suffixes match the attention's to_q, to_k and to_v).
@@ -169,14 +169,7 @@ def pipeline_class_of(path: str) -> str:
     `ValueError` naming `model.pretrained` for another family, `FileNotFoundError` (one line) when unreadable."""
     check_model_path(path)
     name = check_pipeline_family(path)
-    if name is None:  # a Hub id (or a folder without model_index.json): its model_index.json says the class
-        try:
-            name = DiffusionPipeline.load_config(path)["_class_name"]
-        except (OSError, ValueError, KeyError) as e:
-            raise FileNotFoundError(f"cannot load model {path!r}: {first_line(e)}") from e
-        if name not in PIPELINES:
-            raise ValueError(f"model.pretrained {path!r} is a {name}, not a StableDiffusion3Pipeline or FluxPipeline")
-    return name
+    return name if name is not None else hub_pipeline_class(path, PIPELINES)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
