@@ -397,7 +397,8 @@ def flow_rows(batch: int, repeats: int, accelerator: Accelerator, device: torch.
     """`FlowMatchPolicy.sample` with the ODE (the pipeline's own images) against `StableDiffusion3Pipeline.__call__` on
     the shipped tiny flow model, bare and with the same LoRA; and REBEL's update on a 4-step `flow_sde` window against
     its floor."""
-    bare = StableDiffusion3Pipeline.from_pretrained(TINY_FLOW, **absent_components(TINY_FLOW)).to(device)
+    bare = StableDiffusion3Pipeline.from_pretrained(
+        TINY_FLOW, **absent_components(TINY_FLOW, "StableDiffusion3Pipeline")).to(device)
     bare.set_progress_bar_config(disable=True)
     policy = flow_policy(bare, "ode")
     prompts = [PROMPT] * batch
