@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +49,17 @@ POLL_S = 2.0  # how often a worker with nothing to start looks again (others' tr
 
 class SweepError(ValueError):
     """A problem with the sweep's input, reported as one line and exit 2 before any trial runs."""
+
+
+class Interrupted(Exception):
+    """A trial's run was stopped from outside (SIGTERM, SIGINT, SIGHUP): the sweep is being stopped, not the trial
+    failing. Its worker queues the trial again and stops."""
+
+
+# Signals that stop a run from outside. SIGKILL is not among them: the kernel's out-of-memory killer sends it, and a
+# trial that does not fit would be retried forever.
+INTERRUPTS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+INTERRUPTED_EXIT = 130
 
 
 # ---- The search space ----
@@ -277,7 +289,6 @@ def _alive(pid: int) -> bool:
 def fail_stale(study: Any, heartbeat_s: float) -> None:
     """Fail the RUNNING trials of dead workers and queue each again with its values and run folders, so that the
     retry reuses the runs it finished and resumes the one it was training."""
-    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     host = socket.gethostname()
@@ -287,13 +298,23 @@ def fail_stale(study: Any, heartbeat_s: float) -> None:
         dead_here = attrs.get("host") == host and "pid" in attrs and not _alive(attrs["pid"])
         if not dead_here and time.time() - beat < STALE_BEATS * attrs.get("heartbeat_s", heartbeat_s):
             continue
-        try:
-            # The state directly, not study.tell: the sampler's after_trial is for the worker that ran the trial.
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            continue  # its worker finished it after all, or another worker failed it first and queues the retry
-        study.enqueue_trial(trial.params, user_attrs={"run": attrs.get("run", f"{trial.number:03d}")})
-        print(f"sweep: trial {trial.number} was left running by a dead worker; queued again", file=sys.stderr)
+        if requeue(study, trial):
+            print(f"sweep: trial {trial.number} was left running by a dead worker; queued again", file=sys.stderr)
+
+
+def requeue(study: Any, trial: Any) -> bool:
+    """Fail `trial` without an error line (so it takes no place of the budget) and queue it again with its values and
+    run folders; False when it was finished meanwhile (by its worker, or by another worker that queues the retry)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        # The state directly, not study.tell: the sampler's after_trial is for the worker that ran the trial.
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+    study.enqueue_trial(trial.params, user_attrs={"run": trial.user_attrs.get("run", f"{trial.number:03d}")})
+    return True
 
 
 class Heartbeat:
@@ -352,6 +373,8 @@ def train_run(sweep: Sweep, values: dict[str, Any], run_dir: Path, seed: int) ->
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code == 0:
         return None
+    if -code in INTERRUPTS:
+        raise Interrupted(f"{run_dir.name} was stopped by signal {-code}")
     lines = [line for line in (run_dir / "sweep.log").read_text().splitlines() if line.strip()]
     said = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "")
     return f"exit {code}: {said[:300]}"
@@ -370,7 +393,12 @@ def run_trial(study: Any, sweep: Sweep, trial: Any) -> None:
     with Heartbeat(trial, sweep.heartbeat_s):
         for seed in range(sweep.seeds):
             run_dir = sweep.out / "trials" / f"{run}-seed{seed}"
-            error = train_run(sweep, values, run_dir, seed)
+            try:
+                error = train_run(sweep, values, run_dir, seed)
+            except Interrupted as e:
+                requeue(study, trial)
+                print(f"sweep: trial {trial.number}: {e}; queued again, this worker stops", file=sys.stderr)
+                raise
             if error is None:
                 try:
                     per_seed.append(last_values(run_dir, sweep.metric, sweep.last_epochs))
@@ -420,7 +448,10 @@ def work(sweep: Sweep) -> None:
         if surplus(study, trial, sweep.trials):
             tell(study, trial, state=TrialState.FAIL)  # it trained nothing, and does not count
             continue
-        run_trial(study, sweep, trial)
+        try:
+            run_trial(study, sweep, trial)
+        except Interrupted:
+            sys.exit(INTERRUPTED_EXIT)  # the trial is queued again: the same command resumes it
 
 
 # ---- Output ----

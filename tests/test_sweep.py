@@ -400,3 +400,35 @@ def test_two_sweeps_on_one_storage_share_one_study(tmp_path):
     assert sorted(folders) == sorted(f"{t.user_attrs['run']}-seed0" for t in complete)  # each trial trained once
     for name in ("a", "b"):  # each machine's report shows the whole study
         assert len((tmp_path / name / "trials.md").read_text().splitlines()) == 2 + 3
+
+
+@pytest.mark.parametrize("signal_number, requeued", [(signal.SIGTERM, True), (signal.SIGINT, True),
+                                                     (signal.SIGKILL, False)])
+def test_a_run_stopped_by_a_signal_is_queued_again_not_counted_as_a_failure(tmp_path, monkeypatch, signal_number,
+                                                                             requeued):
+    def stopped(command, stdout, **kwargs):
+        stdout.write("epoch 1: sampling\n")
+        return subprocess.CompletedProcess(command, -signal_number)
+
+    monkeypatch.setattr(sw.subprocess, "run", stopped)
+    sweep = sweep_for(tmp_path, trials=1)
+    sw.create_study(sweep)
+    if requeued:
+        with pytest.raises(SystemExit) as stop:
+            sw.work(sweep)
+        assert stop.value.code == sw.INTERRUPTED_EXIT
+        first, retry = sw.load_study(sweep).get_trials()
+        assert first.state == TrialState.FAIL and not sw.counts(first)  # takes no place of the budget
+        assert retry.state == TrialState.WAITING and retry.user_attrs["run"] == first.user_attrs["run"]
+        assert retry.system_attrs["fixed_params"] == first.params
+        # Started again with a training that works, the sweep trains the queued trial in the same run folders.
+        fake = FakeTrain()
+        monkeypatch.setattr(sw.subprocess, "run", fake)
+        work(sweep)
+        assert [name for name, _ in fake.runs] == [f"{first.user_attrs['run']}-seed0", f"{first.user_attrs['run']}-seed1"]
+        assert sw.load_study(sweep).get_trials()[1].state == TrialState.COMPLETE
+    else:  # SIGKILL is also what the out-of-memory killer sends: a trial that does not fit fails, and counts
+        work(sweep)
+        (trial,) = sw.load_study(sweep).get_trials()
+        assert trial.state == TrialState.FAIL and sw.counts(trial)
+        assert trial.user_attrs["error"].startswith(f"seed 0: exit -{int(signal_number)}")
