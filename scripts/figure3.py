@@ -124,7 +124,10 @@ def _validation_prompts(task_dir: Path, base) -> Path:
 def tune(name: str, task: Task, algorithm: str, trials: int, jobs: int, task_dir: Path) -> Path:
     """Run (or resume) the algorithm's sweep; returns its folder, which holds best_config.py."""
     base = _base_config(task, algorithm)
-    validation = [v.format(validation=_validation_prompts(task_dir, base)) for v in task.validation]
+    if any("{validation}" in v for v in task.validation):
+        validation = [v.format(validation=_validation_prompts(task_dir, base)) for v in task.validation]
+    else:
+        validation = list(task.validation)
     out = task_dir / "sweep" / algorithm
     command = [sys.executable, "-m", "rebel_diffusion.sweep", "--config", task.config.format(algorithm=algorithm),
                "--space", task.spaces[algorithm], "--trials", str(trials), "--seeds", "1", "--jobs", str(jobs),
