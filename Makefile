@@ -47,7 +47,8 @@ quickstart-text: $(STAMP)
 ## task and the image quickstart task: runs/figure3 and docs/figure3
 figure3: $(STAMP)
 	$(VENV)/bin/python scripts/figure3.py --task text --trials 6 --seeds 10 --jobs 2 --logdir runs/figure3 --out docs/figure3
-	$(VENV)/bin/python scripts/figure3.py --task image --trials 4 --seeds 10 --jobs 2 --logdir runs/figure3 --out docs/figure3
+	$(VENV)/bin/python scripts/figure3.py --task image --trials 4 --seeds 10 --jobs 2 --algorithms rebel ppo rloo grpo \
+		online_dpo --logdir runs/figure3 --out docs/figure3
 
 ## REBEL's offline mu (the right sums as y') against mu = pi_t on the text quickstart, 5 seeds each: docs/offline_mu
 demo-offline-mu: $(STAMP)
