@@ -459,7 +459,8 @@ def test_a_flux_folder_with_policy_ddim_exits_2_with_one_line(tiny_flux_path, tm
 
 @pytest.mark.parametrize("family, name, window", [
     ("sd3", "rebel", ()), ("sd3", "rebel", (1, 2)), ("sd3", "ppo", (1, 2)), ("sd3", "grpo", ()), ("sd3", "rloo", (2, 2)),
-    ("flux", "rebel", ()), ("flux", "rebel", (1, 2)),
+    ("sd3", "online_dpo", ()), ("flux", "rebel", ()), ("flux", "rebel", (1, 2)), ("flux", "ppo", (1, 2)),
+    ("flux", "rloo", ()),
 ])
 def test_per_step_gradients_equal_the_full_graph(request, family, name, window):
     from policy_checks import assert_chunked_gradients_equal_full_graph
